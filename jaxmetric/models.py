@@ -1,0 +1,295 @@
+"""Embedding networks for deep metric learning (Flax Linen).
+
+Every model maps a batch of normalised float images ``(B, H, W, C)`` (NHWC) to
+float32, L2-normalised embeddings ``(B, embed_dim)``:
+
+* ``resnet18`` / ``resnet34`` (BasicBlock) and ``resnet50`` (Bottleneck, stride on the
+  3x3 conv as in torchvision / ResNet v1.5), widths 64-128-256-512, with a ``"cifar"``
+  stem (3x3 conv, stride 1, no max-pool) or an ``"imagenet"`` stem (7x7 conv, stride 2,
+  3x3 max-pool);
+* ``homebrew``: a small conv-BN-ReLU network for CPU runs and tests.
+
+All trunks end in global average pooling, a ``Dense(embed_dim)`` head and an
+epsilon-safe L2 normalisation. Parameters are float32; ``dtype`` is the compute dtype
+of the convolutions, BatchNorms and Dense layers (e.g. ``jnp.bfloat16``); the head
+output is cast to float32 before normalising.
+
+BatchNorm keeps its running statistics in the ``batch_stats`` collection (momentum
+0.9, epsilon 1e-5). With ``bn_axis_name`` set, every BatchNorm averages its batch
+statistics over that named axis, so under ``jax.shard_map`` / ``pmap`` the statistics
+are those of the global batch (synchronised BN)::
+
+    model = create_model("resnet18", embed_dim=128, bn_axis_name="batch")
+    variables = model.init(key, images[:1], train=False)
+    emb, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, traverse_util
+
+ModuleDef = Any
+
+MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "homebrew")
+STEMS = ("cifar", "imagenet")
+
+NORM_EPS = 1e-6
+"""Norms below this are clamped, so an all-zero embedding has finite gradients."""
+
+# He (kaiming) normal, fan_out, untruncated: torchvision's ResNet conv init.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def l2_normalize(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+    """``x / max(||x||, eps)`` along the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+class EmbeddingHead(nn.Module):
+    """Global average pool -> Dense(embed_dim) -> float32 -> L2 normalise."""
+
+    embed_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=jnp.float32)(x)
+        return l2_normalize(x)
+
+
+class ResNetBlock(nn.Module):
+    """Basic residual block (two 3x3 convs), for ResNet-18/34."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    strides: tuple[int, int] = (1, 1)
+    zero_init_residual: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (3, 3), self.strides)(x)
+        y = self.norm()(y)
+        y = self.act(y)
+        y = self.conv(self.filters, (3, 3))(y)
+        y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+            residual = self.norm(name="norm_proj")(residual)
+        return self.act(residual + y)
+
+
+class BottleneckResNetBlock(nn.Module):
+    """Bottleneck block (1x1, 3x3 strided, 1x1 with 4x expansion), for ResNet-50."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    strides: tuple[int, int] = (1, 1)
+    zero_init_residual: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (1, 1))(x)
+        y = self.norm()(y)
+        y = self.act(y)
+        y = self.conv(self.filters, (3, 3), self.strides)(y)
+        y = self.norm()(y)
+        y = self.act(y)
+        y = self.conv(self.filters * 4, (1, 1))(y)
+        y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(residual)
+            residual = self.norm(name="norm_proj")(residual)
+        return self.act(residual + y)
+
+
+def _last_scale_init(zero: bool):
+    return nn.initializers.zeros_init() if zero else nn.initializers.ones_init()
+
+
+class ResNet(nn.Module):
+    """ResNet trunk with an L2-normalised embedding head.
+
+    Attributes:
+      stage_sizes: number of blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
+      block_cls: ``ResNetBlock`` or ``BottleneckResNetBlock``.
+      embed_dim: embedding size.
+      num_filters: width of the first stage (doubled at every later stage).
+      stem: ``"cifar"`` (3x3/1 conv, no pool) or ``"imagenet"`` (7x7/2 conv + 3x3/2 max-pool).
+      zero_init_residual: zero-init the last BN scale of each block, so every block
+        starts as the identity.
+      dtype: compute dtype; parameters are always float32.
+      bn_axis_name: named axis to synchronise BatchNorm statistics over, or None.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    embed_dim: int = 128
+    num_filters: int = 64
+    stem: str = "cifar"
+    zero_init_residual: bool = True
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+    act: Callable = nn.relu
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        _check_stem(self.stem)
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                       kernel_init=conv_kernel_init)
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name)
+
+        if self.stem == "cifar":
+            x = conv(self.num_filters, (3, 3), name="conv_init")(x)
+        else:
+            x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+        x = norm(name="bn_init")(x)
+        x = self.act(x)
+        if self.stem == "imagenet":
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+        for i, block_size in enumerate(self.stage_sizes):
+            for j in range(block_size):
+                strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
+                                   act=self.act, zero_init_residual=self.zero_init_residual)(x)
+        return EmbeddingHead(self.embed_dim, dtype=self.dtype, name="head")(x)
+
+
+class HomebrewNet(nn.Module):
+    """Small, fast CNN: [3x3 conv -> BN -> ReLU -> 2x2 max-pool] per width, then the head.
+
+    No pooling after the last block. With the default widths ``(32, 64, 128, 128)`` and
+    ``embed_dim=128`` it has about 260k parameters.
+    """
+
+    embed_dim: int = 128
+    widths: Sequence[int] = (32, 64, 128, 128)
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                       kernel_init=conv_kernel_init)
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name)
+        for i, width in enumerate(self.widths):
+            x = conv(width, (3, 3), name=f"conv{i}")(x)
+            x = norm(name=f"bn{i}")(x)
+            x = nn.relu(x)
+            if i < len(self.widths) - 1:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        return EmbeddingHead(self.embed_dim, dtype=self.dtype, name="head")(x)
+
+
+ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
+ResNet34 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock)
+ResNet50 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock)
+
+_CONSTRUCTORS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50,
+                 "homebrew": HomebrewNet}
+
+
+def _check_stem(stem: str) -> None:
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
+
+
+def create_model(name: str, *, embed_dim: int = 128, dtype=jnp.float32, stem: str = "cifar",
+                 bn_axis_name: str | None = None, **kwargs) -> nn.Module:
+    """Build an embedding model by name.
+
+    Args:
+      name: one of ``MODEL_NAMES``.
+      embed_dim: embedding size.
+      dtype: compute dtype (params stay float32; embeddings are float32).
+      stem: ``"cifar"`` or ``"imagenet"`` (ResNets only; validated for every model).
+      bn_axis_name: axis name for synchronised BatchNorm under shard_map/pmap.
+      **kwargs: extra module attributes, e.g. ``zero_init_residual=False`` or
+        ``num_filters`` for ResNets, ``widths`` for homebrew.
+
+    Returns:
+      An unbound ``nn.Module``; call it as ``model.apply(variables, x, train=...)``.
+    """
+    if name not in _CONSTRUCTORS:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+    _check_stem(stem)
+    if name.startswith("resnet"):
+        kwargs["stem"] = stem
+    return _CONSTRUCTORS[name](embed_dim=embed_dim, dtype=dtype, bn_axis_name=bn_axis_name,
+                               **kwargs)
+
+
+def count_params(variables) -> int:
+    """Number of scalars in ``variables["params"]`` (or in all leaves if no such key)."""
+    tree = variables["params"] if "params" in variables else variables
+    return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def flatten_variables(variables) -> dict[str, np.ndarray]:
+    """``{"params/conv_init/kernel": array, ...}``: the format of ``load_pretrained_trunk``."""
+    flat = traverse_util.flatten_dict(serialization.to_state_dict(variables), sep="/")
+    return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def load_pretrained_trunk(variables, path, *, skip_prefixes: Sequence[str] = ("params/head/",
+                                                                              "batch_stats/head/"),
+                          strict: bool = True):
+    """Return ``variables`` with trunk weights replaced by those stored in ``path``.
+
+    File format: a ``.npz`` whose keys are '/'-joined variable paths, collection first,
+    e.g. ``params/conv_init/kernel``, ``params/ResNetBlock_0/BatchNorm_0/scale``,
+    ``batch_stats/bn_init/mean`` (exactly ``flatten_variables(variables)``; write one with
+    ``np.savez(path, **flatten_variables(variables))``), or a ``.msgpack`` file of the
+    nested variables dict (``flax.serialization.msgpack_serialize``).
+
+    Entries under ``skip_prefixes`` (by default the embedding head) are neither loaded
+    nor required. Arrays are cast to the dtype of the variable they replace.
+
+    Raises:
+      ValueError: on a shape mismatch, or (if ``strict``) when the file has keys the
+        model lacks or lacks trunk keys the model has.
+    """
+    path = str(path)
+    if path.endswith(".msgpack"):
+        with open(path, "rb") as f:
+            loaded = traverse_util.flatten_dict(serialization.msgpack_restore(f.read()), sep="/")
+    else:
+        with np.load(path) as npz:
+            loaded = {k: npz[k] for k in npz.files}
+    skip = lambda k: any(k.startswith(p) for p in skip_prefixes)  # noqa: E731
+    loaded = {k: v for k, v in loaded.items() if not skip(k)}
+
+    state = serialization.to_state_dict(variables)
+    flat = traverse_util.flatten_dict(state, sep="/")
+    trunk = {k for k in flat if not skip(k)}
+    if strict:
+        unexpected, missing = sorted(set(loaded) - trunk), sorted(trunk - set(loaded))
+        if unexpected or missing:
+            raise ValueError(f"{path}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}"
+                             f" ({len(unexpected)} unexpected, {len(missing)} missing)")
+    mismatched = [f"{k}: file {np.shape(v)} vs model {np.shape(flat[k])}"
+                  for k, v in loaded.items() if k in flat and np.shape(v) != np.shape(flat[k])]
+    if mismatched:
+        raise ValueError(f"{path}: shape mismatch for " + "; ".join(mismatched))
+    for k, v in loaded.items():
+        if k in flat:
+            flat[k] = jnp.asarray(v, dtype=jnp.asarray(flat[k]).dtype)
+    return serialization.from_state_dict(variables, traverse_util.unflatten_dict(flat, sep="/"))
