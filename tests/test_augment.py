@@ -1,0 +1,129 @@
+"""Tests for jaxmetric.augment: crop/flip/normalise against a NumPy reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmetric.augment import CIFAR10_MEAN, CIFAR10_STD, augment, normalize, sample_crop_flip
+
+MEAN = np.asarray(CIFAR10_MEAN, np.float32)
+STD = np.asarray(CIFAR10_STD, np.float32)
+
+
+def np_normalize(images):
+    return (images.astype(np.float32) / 255.0 - MEAN) / STD
+
+
+def np_augment(images, offsets, flips, pad):
+    """Reference: zero-pad, crop at the given offsets, mirror where flips, normalise."""
+    b, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = np.empty_like(images)
+    for i in range(b):
+        r, c = offsets[i]
+        crop = padded[i, r : r + h, c : c + w]
+        out[i] = crop[:, ::-1] if flips[i] else crop
+    return np_normalize(out)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+
+
+def test_normalize_matches_formula(images):
+    out = normalize(jnp.asarray(images))
+    assert out.shape == images.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np_normalize(images), rtol=1e-6, atol=1e-6)
+    black = normalize(jnp.zeros((1, 1, 1, 3), jnp.uint8))
+    np.testing.assert_allclose(np.asarray(black).ravel(), -MEAN / STD, rtol=1e-6)
+
+
+def test_normalize_bfloat16_and_custom_stats(images):
+    out = normalize(
+        jnp.asarray(images), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), dtype=jnp.bfloat16
+    )
+    assert out.dtype == jnp.bfloat16
+    expected = images.astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=1e-2)
+
+
+def test_normalize_rejects_bad_input(images):
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(jnp.asarray(images, jnp.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(jnp.asarray(images[0]))
+    with pytest.raises(ValueError, match="one value per channel"):
+        normalize(jnp.asarray(images), mean=(0.5, 0.5))
+
+
+def test_augment_matches_numpy_reference(images):
+    key = jax.random.PRNGKey(3)
+    offsets, flips = (np.asarray(a) for a in sample_crop_flip(key, len(images), 4))
+    # The draw must exercise both branches and several offsets, or the test proves little.
+    assert flips.any() and not flips.all()
+    assert len({tuple(o) for o in offsets}) > 4 and (offsets != 4).any()
+    out = augment(key, jnp.asarray(images), pad=4)
+    assert out.shape == images.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(out), np_augment(images, offsets, flips, 4), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_padding_is_black():
+    white = jnp.full((64, 32, 32, 3), 255, jnp.uint8)
+    key = jax.random.PRNGKey(1)
+    offsets, _ = sample_crop_flip(key, 64, 4)
+    out = np.asarray(augment(key, white, flip=False))
+    zero, full = -MEAN / STD, (1.0 - MEAN) / STD
+    for i, (r, c) in enumerate(np.asarray(offsets)):
+        inside = np.zeros((32, 32), bool)
+        inside[max(0, 4 - r) : 36 - r, max(0, 4 - c) : 36 - c] = True
+        np.testing.assert_allclose(
+            out[i][inside], np.broadcast_to(full, out[i][inside].shape), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            out[i][~inside], np.broadcast_to(zero, out[i][~inside].shape), rtol=1e-6
+        )
+
+
+def test_flip_only_and_identity(images):
+    key = jax.random.PRNGKey(5)
+    x = jnp.asarray(images)
+    np.testing.assert_allclose(
+        np.asarray(augment(key, x, pad=0, flip=False)), np_normalize(images), atol=1e-6
+    )
+    _, flips = sample_crop_flip(key, len(images), 0)
+    flipped = np.asarray(augment(key, x, pad=0))
+    expected = np.where(np.asarray(flips)[:, None, None, None], images[:, :, ::-1], images)
+    np.testing.assert_allclose(flipped, np_normalize(expected), atol=1e-6)
+
+
+def test_draw_statistics():
+    offsets, flips = sample_crop_flip(jax.random.PRNGKey(0), 20000, 4)
+    offsets, flips = np.asarray(offsets), np.asarray(flips)
+    assert offsets.dtype == np.int32 and offsets.shape == (20000, 2) and flips.dtype == bool
+    assert abs(flips.mean() - 0.5) < 0.02
+    assert offsets.min() == 0 and offsets.max() == 8
+    freq = np.bincount(offsets.ravel(), minlength=9) / offsets.size
+    np.testing.assert_allclose(freq, 1 / 9, atol=0.01)
+    # Rows and columns are drawn independently.
+    assert abs(np.corrcoef(offsets[:, 0], offsets[:, 1])[0, 1]) < 0.03
+    with pytest.raises(ValueError, match="pad"):
+        sample_crop_flip(jax.random.PRNGKey(0), 4, -1)
+
+
+def test_jit_determinism_and_key_dependence(images):
+    x = jnp.asarray(images)
+    jitted = jax.jit(functools.partial(augment, pad=4, flip=True))
+    k1, k2 = jax.random.PRNGKey(7), jax.random.PRNGKey(8)
+    a, b = jitted(k1, x), jitted(k1, x)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(augment(k1, x)), atol=1e-6)
+    assert not np.allclose(np.asarray(a), np.asarray(jitted(k2, x)))
+    static = jax.jit(augment, static_argnames=("pad", "flip", "dtype"))
+    out = static(k1, x, pad=2, dtype=jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16 and out.shape == x.shape
