@@ -1,0 +1,98 @@
+"""Pairwise distances between embeddings.
+
+All functions compute in float32 whatever the input dtype (bfloat16 embeddings are
+upcast first), clamp tiny negative round-off at zero, and use the Gram-matrix
+construction of the lecture (Kak & Bouman, "Metric Learning", section 4):
+
+    ||x - y||² = ||x||² - 2 x·y + ||y||²
+
+so a (B, D) batch needs one (B, D) × (D, B) matrix product and no (B, B, D) tensor.
+The product runs at ``Precision.HIGHEST`` so that accelerators do not silently use
+reduced-precision (TF32 / bf16) passes for the float32 matmul.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "cross_squared_distances",
+    "cross_euclidean_distances",
+    "cross_cosine_distances",
+    "pairwise_squared_distances",
+    "pairwise_euclidean_distances",
+    "pairwise_cosine_distances",
+    "safe_sqrt",
+]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _as_matrix(x, name: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, D); got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
+    return x.astype(jnp.float32)
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` for ``x >= 0`` whose gradient is 0 (not inf/NaN) at ``x == 0``."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def cross_squared_distances(a, b) -> jax.Array:
+    """Squared Euclidean distances between rows of ``a`` (N, D) and ``b`` (M, D).
+
+    Returns a float32 (N, M) matrix ``d[i, j] = ||a_i - b_j||²``, clamped at 0.
+    """
+    a = _as_matrix(a, "a")
+    b = _as_matrix(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"embedding sizes differ: a has D={a.shape[1]}, b has D={b.shape[1]}")
+    sq_a = jnp.sum(a * a, axis=1)
+    sq_b = jnp.sum(b * b, axis=1)
+    dots = jnp.matmul(a, b.T, precision=_HIGHEST)
+    return jnp.maximum(sq_a[:, None] - 2.0 * dots + sq_b[None, :], 0.0)
+
+
+def cross_euclidean_distances(a, b) -> jax.Array:
+    """Euclidean distances ``||a_i - b_j||`` (float32, (N, M)); finite gradient at 0."""
+    return safe_sqrt(cross_squared_distances(a, b))
+
+
+def cross_cosine_distances(a, b, eps: float = 1e-12) -> jax.Array:
+    """Cosine distances ``1 - cos(a_i, b_j)`` (float32, (N, M)), in [0, 2].
+
+    Zero vectors are treated as having cosine similarity 0 with everything.
+    """
+    a = _as_matrix(a, "a")
+    b = _as_matrix(b, "b")
+    a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=1, keepdims=True), eps * eps))
+    b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, axis=1, keepdims=True), eps * eps))
+    return jnp.clip(1.0 - jnp.matmul(a, b.T, precision=_HIGHEST), 0.0, 2.0)
+
+
+def _zero_diagonal(d: jax.Array) -> jax.Array:
+    return jnp.where(jnp.eye(d.shape[0], dtype=bool), 0.0, d)
+
+
+def pairwise_squared_distances(x) -> jax.Array:
+    """Squared Euclidean distance matrix of a (B, D) batch: float32 (B, B), zero diagonal."""
+    return _zero_diagonal(cross_squared_distances(x, x))
+
+
+def pairwise_euclidean_distances(x) -> jax.Array:
+    """Euclidean distance matrix of a (B, D) batch: float32 (B, B), zero diagonal.
+
+    The square root has a zero (finite) gradient where two embeddings coincide.
+    """
+    return safe_sqrt(pairwise_squared_distances(x))
+
+
+def pairwise_cosine_distances(x) -> jax.Array:
+    """Cosine distance matrix ``1 - cos`` of a (B, D) batch: float32 (B, B)."""
+    return _zero_diagonal(cross_cosine_distances(x, x))
