@@ -156,10 +156,32 @@ def _pair_masks(b: _Batch):
     )
 
 
+def _varying_axes(x) -> frozenset:
+    """Mesh axes along which ``x`` is typed as varying (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))  # jax 0.6 - 0.8
+
+
 def _total(x, axis_name):
-    """Sum over all elements, then over the devices of ``axis_name``; float32."""
+    """Sum over all elements, then over the devices of ``axis_name``; float32.
+
+    Each device differentiates only its own partial sum: the ``all_gather`` of the
+    inputs already routes every device's cotangents back to their owner. Inside
+    ``jax.shard_map`` with varying-axis checking (the default) ``psum`` transposes that
+    way by itself; under ``jax.pmap`` (or ``check_vma=False``) it would transpose to a
+    second ``psum`` and scale gradients by the device count, so there the cross-device
+    part of the value is added without gradient.
+    """
     s = jnp.sum(x.astype(jnp.float32))
-    return s if axis_name is None else jax.lax.psum(s, axis_name)
+    if axis_name is None:
+        return s
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if set(names) <= _varying_axes(s):
+        return jax.lax.psum(s, axis_name)
+    return s + jax.lax.stop_gradient(jax.lax.psum(s, axis_name) - s)
 
 
 def _reduce(loss_sum, num_selected, num_active, reduction):
