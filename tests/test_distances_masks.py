@@ -1,0 +1,128 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmetric import distances, masks
+
+import oracles
+
+
+@pytest.mark.parametrize("b,d", [(1, 3), (6, 3), (33, 16)])
+def test_squared_and_euclidean_match_loops(b, d):
+    x = np.random.default_rng(b).normal(size=(b, d)).astype(np.float32)
+    np.testing.assert_allclose(
+        distances.pairwise_squared_distances(x), oracles.distance_matrix(x, True), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        distances.pairwise_euclidean_distances(x), oracles.distance_matrix(x, False), atol=1e-5
+    )
+
+
+def test_lecture_example():
+    # The six 3-D embeddings of the lecture's distance-matrix slides.
+    x = np.array(
+        [[0, 0.1, 0], [0.1, 0.1, 0.2], [0.4, 0.3, 0.1], [0, 0, 0.4], [0.3, 0, 0], [0.1, 0, 0.7]],
+        np.float32,
+    )
+    expected = np.array(
+        [
+            [0.00, 0.05, 0.21, 0.17, 0.10, 0.51],
+            [0.05, 0.00, 0.14, 0.06, 0.09, 0.26],
+            [0.21, 0.14, 0.00, 0.34, 0.11, 0.54],
+            [0.17, 0.06, 0.34, 0.00, 0.25, 0.10],
+            [0.10, 0.09, 0.11, 0.25, 0.00, 0.53],
+            [0.51, 0.26, 0.54, 0.10, 0.53, 0.00],
+        ]
+    )
+    np.testing.assert_allclose(distances.pairwise_squared_distances(x), expected, atol=1e-6)
+
+
+def test_cross_and_cosine():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 4)).astype(np.float32)
+    b = rng.normal(size=(7, 4)).astype(np.float32)
+    ref = ((a[:, None] - b[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(distances.cross_squared_distances(a, b), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(distances.cross_euclidean_distances(a, b), np.sqrt(ref), rtol=1e-5)
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    np.testing.assert_allclose(distances.cross_cosine_distances(a, b), 1 - an @ bn.T, atol=1e-6)
+    cos = distances.pairwise_cosine_distances(a)
+    np.testing.assert_allclose(np.diag(cos), 0.0)
+
+
+def test_float32_under_bfloat16_and_clamped():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.bfloat16)
+    for fn in (distances.pairwise_squared_distances, distances.pairwise_euclidean_distances):
+        out = fn(x)
+        assert out.dtype == jnp.float32
+        assert float(out.min()) >= 0.0
+    # Large nearly-equal vectors: round-off would make ||x-y||² slightly negative.
+    y = np.full((4, 64), 100.0, np.float32)
+    assert float(distances.pairwise_squared_distances(y).min()) == 0.0
+
+
+def test_euclidean_gradient_finite_at_zero():
+    x = jnp.zeros((4, 3))
+    g = jax.grad(lambda e: distances.pairwise_euclidean_distances(e).sum())(x)
+    assert np.isfinite(np.asarray(g)).all()
+    g = jax.grad(lambda e: distances.pairwise_euclidean_distances(e).sum())(jnp.ones((4, 3)))
+    assert np.isfinite(np.asarray(g)).all()
+
+
+def test_distance_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        distances.pairwise_squared_distances(jnp.ones(3))
+    with pytest.raises(TypeError, match="floating"):
+        distances.pairwise_squared_distances(jnp.ones((3, 2), jnp.int32))
+    with pytest.raises(ValueError, match="sizes differ"):
+        distances.cross_squared_distances(jnp.ones((3, 2)), jnp.ones((3, 4)))
+
+
+def _loop_masks(labels, valid):
+    b = len(labels)
+    pos = np.zeros((b, b), bool)
+    neg = np.zeros((b, b), bool)
+    trip = np.zeros((b, b, b), bool)
+    for i, j in itertools.product(range(b), repeat=2):
+        ok = valid[i] and valid[j]
+        pos[i, j] = ok and i != j and labels[i] == labels[j]
+        neg[i, j] = ok and labels[i] != labels[j]
+    for a, p, n in itertools.product(range(b), repeat=3):
+        trip[a, p, n] = (
+            len({a, p, n}) == 3
+            and valid[a] and valid[p] and valid[n]
+            and labels[a] == labels[p] and labels[a] != labels[n]
+        )
+    return pos, neg, trip
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_masks_match_loops(seed):
+    rng = np.random.default_rng(seed)
+    b = int(rng.integers(2, 12))
+    labels = rng.integers(0, 3, b)
+    valid = rng.random(b) > 0.2
+    pos, neg, trip = _loop_masks(labels, valid)
+    np.testing.assert_array_equal(masks.positive_mask(labels, jnp.asarray(valid)), pos)
+    np.testing.assert_array_equal(masks.negative_mask(labels, jnp.asarray(valid)), neg)
+    np.testing.assert_array_equal(masks.triplet_mask(labels, jnp.asarray(valid)), trip)
+
+
+def test_lecture_label_example():
+    labels = jnp.array([0, 1, 0, 3, 4, 3])
+    pos = np.argwhere(np.triu(np.asarray(masks.positive_mask(labels))))
+    assert [tuple(p) for p in pos] == [(0, 2), (3, 5)]
+    # Triplets (anchor, positive, negative) of the lecture's loop listing, both orders.
+    trip = masks.triplet_mask(labels)
+    assert int(trip.sum()) == 2 * 2 * 4
+
+
+def test_mask_bad_input():
+    with pytest.raises(TypeError, match="integers"):
+        masks.positive_mask(jnp.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="valid"):
+        masks.negative_mask(jnp.array([0, 1]), jnp.array([True]))
