@@ -1,0 +1,279 @@
+"""Training loop: data-parallel equivalence, resume, learning, config and run-folder checks.
+
+Runs on the 8 simulated CPU devices of conftest.py with the small ``homebrew`` net and
+tiny synthetic batches.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmetric import train
+from jaxmetric.config import TrainConfig
+from jaxmetric.data import Dataset, Split
+from jaxmetric.models import create_model
+
+NUM_CLASSES = 4
+WIDTHS = (8, 16)  # homebrew widths for the step tests: fast to compile and run
+
+
+def mesh_of(n):
+    return Mesh(np.array(jax.devices()[:n]), ("batch",))
+
+
+def synthetic(n, seed=0, noise=40):
+    """Class c is a flat colour plus noise: separable, but not trivially so."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int32) % NUM_CLASSES
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])
+    images = colours[labels][:, None, None, :] + rng.normal(0, noise, (n, 32, 32, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def random_batch(n, seed=0):
+    """Noise images with arbitrary labels: every loss term is active at initialisation."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    return images, rng.permutation(np.arange(n, dtype=np.int32) % NUM_CLASSES)
+
+
+def tiny_dataset(n=64):
+    images, labels = synthetic(n)
+    test_images, test_labels = synthetic(16, seed=1)
+    return Dataset(Split(images, labels), Split(test_images, test_labels),
+                   tuple(f"c{i}" for i in range(NUM_CLASSES)))
+
+
+def tiny_config(tmp_path, **kw):
+    base = dict(model="homebrew", embed_dim=16, batch_size=16, epochs=2, warmup_epochs=0.5,
+                lr=0.05, log_every=3, eval_every=1, out=str(tmp_path / "run"))
+    return TrainConfig(**(base | kw))
+
+
+def fresh_state(config, bn_axis_name="batch", steps_per_epoch=4):
+    model = create_model("homebrew", embed_dim=16, widths=WIDTHS, bn_axis_name=bn_axis_name)
+    return train.create_train_state(jax.random.key(0), model, config, steps_per_epoch)
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+    flat_a, tree_a = jax.tree.flatten(jax.device_get(a))
+    flat_b, tree_b = jax.tree.flatten(jax.device_get(b))
+    assert tree_a == tree_b
+    for x, y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------- data parallelism
+
+
+@pytest.mark.parametrize("loss,mining", [("contrastive", None), ("triplet", "semihard")])
+def test_eight_devices_equal_one_device(tmp_path, loss, mining):
+    config = tiny_config(tmp_path, loss=loss, mining=mining, lr=0.5, warmup_epochs=0.0)
+    loss_fn = train.make_loss_fn(config)
+    images, labels = random_batch(16)
+    key = jax.random.key(7)
+    batches = [np.arange(16, dtype=np.int32), np.arange(16, dtype=np.int32)[::-1].copy()]
+
+    # Reference: the pure step on one device, on the whole batch, no mapped axis.
+    ref = fresh_state(config, bn_axis_name=None)
+    ref_step = jax.jit(lambda s, b, r: train.train_step(s, b, r, loss_fn=loss_fn))
+    ref_metrics = []
+    for idx in batches:
+        ref, m = ref_step(ref, {"images": images[idx], "labels": labels[idx]},
+                          jax.random.fold_in(key, ref.step))
+        ref_metrics.append(m)
+        assert m["loss"] > 0 and m["active_fraction"] > 0  # a real gradient to compare
+
+    for n in (1, 8):
+        mesh = mesh_of(n)
+        replicated = NamedSharding(mesh, P())
+        state = jax.device_put(fresh_state(config), replicated)
+        step = train.make_train_step(loss_fn, mesh)
+        data = jax.device_put((images, labels), replicated)
+        for idx, ref_m in zip(batches, ref_metrics):
+            state, m = step(state, *data, jax.device_put(idx, NamedSharding(mesh, P("batch"))),
+                            key)
+            assert_trees_close(m, ref_m)
+        assert_trees_close(state.params, ref.params)
+        assert_trees_close(state.batch_stats, ref.batch_stats)
+        assert_trees_close(state.opt_state, ref.opt_state)
+    # The update is not a no-op: the params moved.
+    assert not np.allclose(ref.params["head"]["Dense_0"]["kernel"],
+                           fresh_state(config).params["head"]["Dense_0"]["kernel"])
+
+
+def test_train_step_refuses_untyped_mapping(tmp_path):
+    """Without check_vma the gradient cannot be summed right: a clear error, not a bug."""
+    config = tiny_config(tmp_path)
+    state = fresh_state(config)
+    images, labels = synthetic(16)
+    fn = jax.shard_map(
+        lambda s, b: train.train_step(s, b, jax.random.key(0),
+                                      loss_fn=train.make_loss_fn(config), axis_name="batch"),
+        mesh=mesh_of(8), in_specs=(P(), P("batch")), out_specs=(P(), P()), check_vma=False)
+    with pytest.raises(ValueError, match="check_vma=True"):
+        fn(state, {"images": images, "labels": labels})
+
+
+def test_loss_falls_on_separable_data(tmp_path):
+    config = tiny_config(tmp_path, lr=0.1, warmup_epochs=0.0, epochs=3)
+    images, labels = synthetic(64)
+    mesh = mesh_of(2)
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(fresh_state(config, steps_per_epoch=4), replicated)
+    step = train.make_train_step(train.make_loss_fn(config), mesh)
+    data = jax.device_put((images, labels), replicated)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(12):
+        idx = rng.permutation(64)[:16].astype(np.int32)
+        state, m = step(state, *data, jax.device_put(idx, NamedSharding(mesh, P("batch"))),
+                        jax.random.key(1))
+        losses.append(m)
+    losses = [float(m["loss"]) for m in jax.device_get(losses)]
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+
+
+# ----------------------------------------------------------------- fit, resume, folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A complete 2-epoch run on 2 devices: (config, out_dir, final state)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    config = tiny_config(tmp)
+    state = train.fit(config, tiny_dataset(), tmp / "run", mesh=mesh_of(2), progress=False)
+    return config, tmp / "run", state
+
+
+def read_records(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fit_writes_records_and_checkpoints(uninterrupted):
+    config, out_dir, state = uninterrupted
+    records = read_records(out_dir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == [4, 8]
+    for r in records:
+        assert {"loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "lr",
+                "images_per_second", "epoch_seconds"} <= set(r)
+        assert np.isfinite(r["loss"]) and r["images_per_second"] > 0
+    assert TrainConfig.from_dict(json.loads((out_dir / "config.json").read_text())) == config
+    assert train._finalized_epochs(out_dir / "checkpoints") == [1, 2]
+    assert int(state.step) == 8
+
+
+def test_resume_after_crash_equals_uninterrupted(uninterrupted, tmp_path):
+    config, ref_dir, ref_state = uninterrupted
+    out_dir = tmp_path / "run"
+    calls = []
+
+    def crash_at_epoch_2(state, epoch):
+        calls.append(epoch)
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+        return {"hook_value": float(epoch)}
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.fit(config, tiny_dataset(), out_dir, mesh=mesh_of(2), progress=False,
+                  eval_hook=crash_at_epoch_2)
+    assert calls == [1, 2]
+    assert [r["epoch"] for r in read_records(out_dir)] == [1]
+    assert read_records(out_dir)[0]["hook_value"] == 1.0
+    # A checkpoint write interrupted mid-way leaves an orbax temporary directory; it is
+    # not a checkpoint and must never be restored.
+    junk = out_dir / "checkpoints" / "2.orbax-checkpoint-tmp-1700000000"
+    junk.mkdir()
+    (junk / "garbage").write_text("half-written")
+    assert train._finalized_epochs(out_dir / "checkpoints") == [1]
+
+    state = train.fit(config, tiny_dataset(), out_dir, resume=True, mesh=mesh_of(2),
+                      progress=False)
+    assert int(state.step) == int(ref_state.step) == 8
+    assert_trees_close(state.params, ref_state.params, rtol=0, atol=1e-6)
+    assert_trees_close(state.batch_stats, ref_state.batch_stats, rtol=0, atol=1e-6)
+    assert_trees_close(state.opt_state, ref_state.opt_state, rtol=0, atol=1e-6)
+    ref_losses = [r["loss"] for r in read_records(ref_dir)]
+    np.testing.assert_allclose([r["loss"] for r in read_records(out_dir)], ref_losses, rtol=1e-6)
+    assert not junk.exists()  # cleaned up when the manager opened
+    assert train._finalized_epochs(out_dir / "checkpoints") == [1, 2]
+
+
+def test_refuses_to_overwrite_a_run(uninterrupted, tmp_path):
+    config, out_dir, _ = uninterrupted
+    before = (out_dir / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="resume"):
+        train.fit(config, tiny_dataset(), out_dir, mesh=mesh_of(2), progress=False)
+    assert (out_dir / "metrics.jsonl").read_text() == before
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train.fit(config, tiny_dataset(), tmp_path / "empty", resume=True, mesh=mesh_of(2),
+                  progress=False)
+    changed = TrainConfig(**(config.to_dict() | {"lr": 0.2}))
+    with pytest.raises(ValueError, match="lr: saved 0.05, now 0.2"):
+        train.fit(changed, tiny_dataset(), out_dir, resume=True, mesh=mesh_of(2),
+                  progress=False)
+
+
+def test_embed_fn_pads_and_matches_model(uninterrupted):
+    _, _, state = uninterrupted
+    images, _ = synthetic(5, seed=3)
+    emb = train.make_embed_fn(state)(images)  # 5 rows on a 2-device mesh: padded
+    assert emb.shape == (5, 16) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    model = create_model("homebrew", embed_dim=16)
+    from jaxmetric.augment import normalize
+    expected = model.apply(variables, normalize(jnp.asarray(images)), train=False)
+    np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        train.make_embed_fn(state)(images.astype(np.float32))
+
+
+# ------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(loss="arcface"), "unknown loss 'arcface'"),
+    (dict(model="vgg"), "unknown model 'vgg'"),
+    (dict(optimizer="lion"), "unknown optimizer"),
+    (dict(dtype="float16"), "unknown dtype"),
+    (dict(batch_size=100, classes_per_batch=8), "not divisible by classes_per_batch"),
+    (dict(batch_size=16, classes_per_batch=16), "fewer than 2 images per class"),
+    (dict(loss="contrastive", mining="hard"), "triplet loss only"),
+    (dict(loss="triplet", mining="hardish"), "unknown mining"),
+    (dict(loss="triplet", pos_margin=0.1), "contrastive loss only"),
+    (dict(warmup_epochs=5, epochs=5), "warmup_epochs"),
+    (dict(lr=0.0), "lr must be"),
+    (dict(margin=-1.0), "margin must be"),
+    (dict(momentum=1.0), "momentum must be < 1"),
+    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(max_train=8, batch_size=16), "smaller than batch_size"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_config_defaults_and_resolution():
+    c = TrainConfig()
+    assert (c.model, c.optimizer, c.batch_size) == ("resnet18", "sgd", 512)
+    assert c.peak_lr == pytest.approx(0.2) and c.decay == 5e-4 and c.loss_margin == 1.0
+    t = TrainConfig(loss="triplet", optimizer="adamw")
+    assert t.loss_margin == 0.2 and t.peak_lr == 1e-3 and t.decay == 0.05
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        TrainConfig(batch_size=16.0)
+    with pytest.raises(ValueError, match="unknown TrainConfig fields: bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+
+
+def test_batch_must_split_over_devices(tmp_path):
+    config = tiny_config(tmp_path, batch_size=12)
+    with pytest.raises(ValueError, match="not divisible by the number of devices 8"):
+        train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(8), progress=False)
+    assert not (tmp_path / "run").exists()
