@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmetric import distances, mining
+from jaxmetric.parallel import varying_axes
 
 __all__ = ["contrastive_loss", "triplet_loss", "MINING_MODES", "REDUCTIONS"]
 
@@ -156,15 +157,6 @@ def _pair_masks(b: _Batch):
     )
 
 
-def _varying_axes(x) -> frozenset:
-    """Mesh axes along which ``x`` is typed as varying (empty outside shard_map)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))  # jax 0.6 - 0.8
-
-
 def _total(x, axis_name):
     """Sum over all elements, then over the devices of ``axis_name``; float32.
 
@@ -179,7 +171,7 @@ def _total(x, axis_name):
     if axis_name is None:
         return s
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    if set(names) <= _varying_axes(s):
+    if set(names) <= varying_axes(s):
         return jax.lax.psum(s, axis_name)
     return s + jax.lax.stop_gradient(jax.lax.psum(s, axis_name) - s)
 

@@ -70,6 +70,7 @@ from jaxmetric import losses, sampling
 from jaxmetric.augment import augment, normalize
 from jaxmetric.config import TrainConfig
 from jaxmetric.models import create_model
+from jaxmetric.parallel import varying_axes
 
 __all__ = [
     "AXIS",
@@ -78,6 +79,7 @@ __all__ = [
     "fit",
     "make_embed_fn",
     "make_loss_fn",
+    "restore_state",
     "make_mesh",
     "make_optimizer",
     "make_schedule",
@@ -160,13 +162,6 @@ def create_train_state(rng: jax.Array, model, config: TrainConfig,
 # ------------------------------------------------------------------------------- step
 
 
-def _varying_axes(x) -> frozenset:
-    """Mesh axes over which ``x`` is typed as varying inside shard_map (check_vma)."""
-    aval = jax.typeof(x)
-    typ = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9
-    return frozenset(typ.varying if typ is not None else getattr(aval, "vma", ()))
-
-
 def _augment_per_example(rng, images, offset, dtype):
     """Crop + flip with a key per example, ``fold_in(rng, offset + i)``."""
     positions = offset + jnp.arange(images.shape[0], dtype=jnp.int32)
@@ -203,7 +198,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         raise ValueError(f"batch['labels'] must have shape {images.shape[:1]}; got {labels.shape}")
     offset = 0
     if axis_name is not None:
-        if axis_name not in _varying_axes(images):
+        if axis_name not in varying_axes(images):
             raise ValueError(
                 f"train_step(axis_name={axis_name!r}) must run inside jax.shard_map with "
                 "check_vma=True and the batch sharded over that axis: without the varying/"
@@ -225,8 +220,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     if axis_name is not None:
         # Invariant leaves were already summed by JAX; per-device params still vary.
         grads = jax.tree.map(
-            lambda g: jax.lax.psum(g, axis_name) if axis_name in _varying_axes(g) else g, grads)
-        if any(axis_name in _varying_axes(s) for s in jax.tree.leaves(batch_stats)):
+            lambda g: jax.lax.psum(g, axis_name) if axis_name in varying_axes(g) else g, grads)
+        if any(axis_name in varying_axes(s) for s in jax.tree.leaves(batch_stats)):
             raise ValueError(
                 f"BatchNorm statistics differ between devices: build the model with "
                 f"bn_axis_name={axis_name!r} so they are synchronised over the batch")
@@ -328,6 +323,57 @@ def _finalized_epochs(directory: pathlib.Path) -> list[int]:
     return sorted(ocp_utils.checkpoint_steps(directory)) if directory.is_dir() else []
 
 
+def _restore(manager, epoch: int, state: TrainState, train_key):
+    """Restores checkpoint ``epoch`` onto the shapes, dtypes and shardings of the args."""
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            {"state": state, "train_key": train_key})
+    restored = manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    if restored.meta["epoch"] != epoch:
+        raise ValueError(f"checkpoint {epoch} records epoch {restored.meta['epoch']}")
+    return restored.state["state"], restored.state["train_key"]
+
+
+def _initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh):
+    """Fresh replicated state and training key for ``config`` (deterministic in seed)."""
+    model = create_model(config.model, embed_dim=config.embed_dim, dtype=jnp.dtype(config.dtype),
+                         stem=config.stem, bn_axis_name=AXIS)
+    root = jax.random.key(config.seed)
+    state = create_train_state(jax.random.fold_in(root, 0), model, config, steps_per_epoch)
+    train_key = jax.random.key_data(jax.random.fold_in(root, 1))
+    return jax.device_put((state, train_key), NamedSharding(mesh, P()))
+
+
+def restore_state(run_dir, *, epoch: int | None = None, mesh: Mesh | None = None):
+    """Loads a saved run: ``(config, state, epoch)`` from ``run_dir`` (latest epoch).
+
+    ``run_dir`` is a folder written by :func:`fit` (``config.json`` and
+    ``checkpoints/``). Raises ``FileNotFoundError`` naming what is missing.
+    """
+    run_dir = pathlib.Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a jaxmetric run folder: no config.json")
+    config = TrainConfig.from_dict(json.loads(config_file.read_text()))
+    epochs = _finalized_epochs(run_dir / "checkpoints")
+    if not epochs:
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
+    epoch = epochs[-1] if epoch is None else epoch
+    if epoch not in epochs:
+        raise FileNotFoundError(f"no checkpoint for epoch {epoch} in {run_dir}; have {epochs}")
+    mesh = make_mesh() if mesh is None else mesh
+    # The schedule only needs a step count; the restored optimizer state carries the rest.
+    state, train_key = _initial_state(config, 1, mesh)
+    manager = _checkpoint_manager(run_dir / "checkpoints", config.keep_checkpoints)
+    try:
+        state, _ = _restore(manager, epoch, state, train_key)
+    finally:
+        manager.close()
+    return config, state, epoch
+
+
 def _write_atomic(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -421,13 +467,8 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     _prepare_run_dir(out_dir, config, resume)
 
     dtype = jnp.dtype(config.dtype)
-    model = create_model(config.model, embed_dim=config.embed_dim, dtype=dtype,
-                         stem=config.stem, bn_axis_name=AXIS)
-    root = jax.random.key(config.seed)
-    state = create_train_state(jax.random.fold_in(root, 0), model, config, steps)
-    train_key = jax.random.key_data(jax.random.fold_in(root, 1))
+    state, train_key = _initial_state(config, steps, mesh)
     replicated = NamedSharding(mesh, P())
-    state, train_key = jax.device_put((state, train_key), replicated)
 
     manager = _checkpoint_manager(out_dir / "checkpoints", config.keep_checkpoints)
     start_epoch = 0
@@ -436,14 +477,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
 
         if resume:
             start_epoch = manager.latest_step()
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                    {"state": state, "train_key": train_key})
-            restored = manager.restore(start_epoch, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-            state = restored.state["state"]
-            train_key = restored.state["train_key"]
-            if restored.meta["epoch"] != start_epoch:
-                raise ValueError(f"checkpoint {start_epoch} records epoch {restored.meta['epoch']}")
+            state, train_key = _restore(manager, start_epoch, state, train_key)
             _truncate_metrics(out_dir / "metrics.jsonl", start_epoch)
             log.info("resumed %s at epoch %d (step %d)", out_dir, start_epoch, int(state.step))
 
