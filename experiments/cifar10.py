@@ -1,0 +1,142 @@
+"""Train an embedding network on CIFAR-10 with a contrastive or triplet loss.
+
+    python -m experiments.cifar10 --loss contrastive
+    python -m experiments.cifar10 --loss triplet --mining semihard --epochs 30
+    python -m experiments.cifar10 --loss triplet --model homebrew --epochs 3 \\
+        --max-train 5000 --max-test 1000 --data-dir ../shared/data/cifar10-jpeg.tar.xz
+
+Trains data-parallel on every local device (or, with ``--coordinator``, on every device
+of several processes), checkpoints every epoch, then evaluates retrieval with FAISS and
+leaves a run folder (``--out``):
+
+    config.json      the run's configuration (TrainConfig)
+    metrics.jsonl    one record per epoch (loss, active fraction, images/s, P@1 ...)
+    checkpoints/     orbax checkpoints of the last epochs (--resume continues from them)
+    metrics.json     final retrieval and clustering metrics
+    report.md        the metrics table and the three pictures below
+    tsne.png, curves.png, neighbours.png
+
+``--data-dir`` takes a ``cifar-10-batches-py`` folder, an image-folder tree
+``train|test/<class>/*.jpg`` or a ``.tar.xz``/``.tar.gz`` of one; without it the data
+comes from tensorflow-datasets (needs the internet the first time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+
+from jaxmetric.config import DTYPES, LOSSES, OPTIMIZERS, TrainConfig
+from jaxmetric.losses import MINING_MODES
+from jaxmetric.models import MODEL_NAMES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.cifar10",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--loss", choices=LOSSES, required=True)
+    p.add_argument("--mining", choices=MINING_MODES, help="triplet mining (default: all)")
+    p.add_argument("--margin", type=float, help="default: 1.0 contrastive, 0.2 triplet")
+    p.add_argument("--pos-margin", type=float, default=d.pos_margin, help="contrastive only")
+    p.add_argument("--euclidean", action="store_true",
+                   help="triplet on Euclidean instead of squared distances")
+    p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="compute dtype")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
+    p.add_argument("--classes-per-batch", type=int,
+                   help="P of class-balanced 'P classes x K images' batches")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--lr", type=float, help="peak learning rate (default scales with batch)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--data-dir", help="local CIFAR-10 (folder or archive); default: tfds")
+    p.add_argument("--out", help="run folder (default: runs/cifar10-<loss>-<time>)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--max-train", type=int, help="first N training images, class-balanced")
+    p.add_argument("--max-test", type=int, help="first N test images, class-balanced")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="precision@1 every N epochs (and at the end)")
+    p.add_argument("--tsne-points", type=int, default=5000)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dist = p.add_argument_group("several processes (see README, 'More than one machine')")
+    dist.add_argument("--coordinator", help="HOST:PORT of process 0 (env JAXMETRIC_COORDINATOR)")
+    dist.add_argument("--num-processes", type=int, help="env JAXMETRIC_NUM_PROCESSES")
+    dist.add_argument("--process-id", type=int, help="env JAXMETRIC_PROCESS_ID")
+    return p
+
+
+def config_from_args(args, parser) -> TrainConfig:
+    out = args.out or time.strftime(f"runs/cifar10-{args.loss}-%Y%m%d-%H%M%S")
+    try:
+        return TrainConfig(
+            model=args.model, embed_dim=args.embed_dim, dtype=args.dtype, loss=args.loss,
+            margin=args.margin, pos_margin=args.pos_margin, mining=args.mining,
+            squared=not args.euclidean, epochs=args.epochs, batch_size=args.batch_size,
+            classes_per_batch=args.classes_per_batch, augment=not args.no_augment,
+            optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_epochs=args.warmup_epochs, seed=args.seed, max_train=args.max_train,
+            max_test=args.max_test, eval_every=args.eval_every, data_dir=args.data_dir, out=out,
+        )
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and not args.out:
+        parser.error("--resume needs --out: the run folder to continue")
+    config = config_from_args(args, parser)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from jaxmetric import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+    import jax
+
+    from jaxmetric import data, report, train
+
+    progress = not args.no_progress
+    try:
+        dataset = data.load_cifar10(config.data_dir, max_train=config.max_train,
+                                    max_test=config.max_test)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    mesh = train.make_mesh(jax.devices())  # every device of every process
+    try:
+        config.check_devices(mesh.size)
+    except ValueError as e:
+        parser.error(str(e))
+    hook = report.precision_at_1_hook(dataset, mesh=mesh, progress=progress)
+    try:
+        state = train.fit(config, dataset, config.out, resume=args.resume, eval_hook=hook,
+                          mesh=mesh, progress=progress)
+    except (FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    metrics = report.evaluate_state(
+        state, dataset, config.out, config=dataclasses.asdict(config), epoch=config.epochs, mesh=mesh,
+        tsne_points=args.tsne_points, progress=progress,
+    )
+    if jax.process_index() == 0:
+        summary = metrics["test_vs_train"]
+        print(f"{config.out}: precision@1 {summary['precision_at_1']:.4f} "
+              f"(test vs train), MAP@R {metrics['test_vs_test']['map_at_r']:.4f} (test vs test)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Evaluate a trained run and write its report.
+
+Glue between :mod:`jaxmetric.train` (the model), :mod:`jaxmetric.evaluate` (FAISS
+retrieval metrics) and :mod:`jaxmetric.visualize` (pictures). For a run folder it writes
+
+    metrics.json     both retrieval protocols + clustering, with epoch and data note
+    report.md        the metrics tables and the pictures
+    tsne.png         openTSNE map of the test embeddings
+    curves.png       training curves from metrics.jsonl
+    neighbours.png   test queries and their nearest training images
+
+Re-evaluate a saved run without training (latest checkpoint)::
+
+    python -m jaxmetric.evaluate runs/cifar10-triplet-20261129-101500
+    python -m jaxmetric.evaluate RUN_DIR --data-dir ../shared/data/cifar10-jpeg.tar.xz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["dataset_note", "embed_splits", "evaluate_state", "precision_at_1_hook", "main"]
+
+EMBED_BATCH = 1024
+
+
+def dataset_note(data_dir) -> str:
+    """How to describe the data in reports (the JPEG mirror is not the original)."""
+    if data_dir is None:
+        return "CIFAR-10 (tensorflow-datasets)"
+    name = pathlib.Path(str(data_dir)).name.lower()
+    if "jpeg" in name or "jpg" in name:
+        return (f"CIFAR-10 (JPEG q75 copy, {pathlib.Path(str(data_dir)).name}: pixels differ "
+                "slightly from the official release)")
+    return f"CIFAR-10 ({pathlib.Path(str(data_dir)).name})"
+
+
+def embed_splits(state, dataset, *, mesh=None, progress: bool = True):
+    """L2-normalised float32 embeddings of the training and test images."""
+    from jaxmetric import evaluate, train
+
+    embed_fn = train.make_embed_fn(state, mesh=mesh)
+    batch = EMBED_BATCH
+    if mesh is not None:
+        batch = -(-batch // mesh.size) * mesh.size
+    train_emb = evaluate.embed(embed_fn, dataset.train.images, batch_size=batch,
+                               progress=progress, desc="embed train")
+    test_emb = evaluate.embed(embed_fn, dataset.test.images, batch_size=batch,
+                              progress=progress, desc="embed test")
+    return train_emb, test_emb
+
+
+def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False):
+    """``hook(state, epoch) -> {"precision_at_1": ...}`` for :func:`train.fit`.
+
+    Test queries against the training set with an exact FAISS index (the lecture's P@1);
+    computed on process 0 and broadcast, so every process logs the same record.
+    """
+    from jaxmetric import evaluate
+
+    def hook(state, epoch):
+        train_emb, test_emb = embed_splits(state, dataset, mesh=mesh, progress=progress)
+        p1 = 0.0
+        if jax.process_index() == 0:
+            m = evaluate.retrieval_metrics(
+                test_emb, dataset.test.labels, train_emb, dataset.train.labels, ks=(1,)
+            )
+            p1 = float(m["precision_at_1"])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            p1 = float(multihost_utils.broadcast_one_to_all(np.float32(p1)))
+        return {"precision_at_1": p1}
+
+    return hook
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_records(path: pathlib.Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evaluate_state(
+    state,
+    dataset,
+    run_dir,
+    *,
+    config: Mapping[str, Any] | None = None,
+    epoch: int | None = None,
+    mesh=None,
+    tsne_points: int = 5000,
+    progress: bool = True,
+) -> dict:
+    """Embed, score, draw and report a trained ``state``; returns the metrics dict.
+
+    Every process takes part in embedding; process 0 alone computes the metrics and
+    writes files (the others return an empty dict).
+    """
+    from jaxmetric import evaluate, visualize
+
+    run_dir = pathlib.Path(run_dir)
+    train_emb, test_emb = embed_splits(state, dataset, mesh=mesh, progress=progress)
+    if jax.process_index() != 0:
+        return {}
+    config = dict(config or {})
+    note = dataset_note(config.get("data_dir"))
+    metrics = evaluate.evaluate_embeddings(
+        train_emb, dataset.train.labels, test_emb, dataset.test.labels, progress=progress
+    )
+    metrics["run"] = {
+        "epoch": epoch,
+        "step": int(state.step),
+        "num_train": len(dataset.train),
+        "num_test": len(dataset.test),
+        "dataset": note,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    names = list(dataset.class_names)
+    if tsne_points > 0:
+        visualize.plot_tsne(test_emb, dataset.test.labels, run_dir / "tsne.png",
+                            class_names=names, max_points=tsne_points, progress=progress)
+    records = _read_records(run_dir / "metrics.jsonl")
+    if records:
+        visualize.plot_curves(records, run_dir / "curves.png")
+    visualize.plot_retrieval_examples(
+        dataset.test.images, dataset.test.labels, test_emb,
+        dataset.train.images, dataset.train.labels, train_emb,
+        run_dir / "neighbours.png", class_names=names,
+    )
+    _write_json(run_dir / "metrics.json", metrics)
+    evaluate.write_report(run_dir, metrics, config=config, dataset_note=note,
+                          title=f"jaxmetric run {run_dir.name}")
+    return metrics
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxmetric.evaluate",
+                                description="Re-evaluate a saved jaxmetric run.")
+    p.add_argument("run_dir", help="a run folder written by python -m experiments.cifar10")
+    p.add_argument("--epoch", type=int, help="checkpoint epoch (default: the latest)")
+    p.add_argument("--data-dir", help="override the data source saved in config.json")
+    p.add_argument("--tsne-points", type=int, default=5000, help="0 = no t-SNE")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    from jaxmetric import data, train
+
+    try:
+        config, state, epoch = train.restore_state(args.run_dir, epoch=args.epoch)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    data_dir = args.data_dir if args.data_dir is not None else config.data_dir
+    try:
+        dataset = data.load_cifar10(data_dir, max_train=config.max_train,
+                                    max_test=config.max_test)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    cfg = config.to_dict() | {"data_dir": data_dir}
+    metrics = evaluate_state(state, dataset, args.run_dir, config=cfg, epoch=epoch,
+                             tsne_points=args.tsne_points, progress=not args.no_progress)
+    t = metrics["test_vs_train"]
+    print(f"{args.run_dir} epoch {epoch}: precision@1 {t['precision_at_1']:.4f} (test vs train), "
+          f"MAP@R {metrics['test_vs_test']['map_at_r']:.4f} (test vs test)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
