@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU measurements of the "Fast on a GPU" issue, as ONE script for the device tool.
+#
+# Prepare on the development machine (once per session), from the repository root:
+#   mkdir -p data && cp ../shared/data/cifar10-jpeg.tar.xz data/        # git-ignored
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
+#     faiss-cpu==1.15.1 openTSNE==1.0.4                                   # ~22 MB
+# Run through the device tool with carry [".whl", "data"] and a timeout that leaves room
+# for a rerun, e.g.:   bash benchmarks/gpu.sh
+# Everything it returns is under $OUT (at most 8 files come back):
+#   gpu.log, losses-gpu.json, throughput.json, result-{triplet,contrastive}.json,
+#   tsne-{triplet,contrastive}.png
+# Copy the result JSONs to benchmarks/results/ and the figures into README.
+set -uo pipefail
+# Knobs (defaults are the H200 measurement; the CPU dry run in README shrinks them):
+OUT=${OUT:-/tmp/jaxmetric-gpu}
+EPOCHS=${EPOCHS:-40}
+MODEL=${MODEL:-resnet18}
+DTYPE=${DTYPE:-bfloat16}
+BATCH=${BATCH:-1024}
+SIZES=${SIZES:-1024 4096 16384}
+STEPS=${STEPS:-100}
+SUBSET=${SUBSET:-}            # e.g. "--max-train 5000 --max-test 1000"
+DATA=${DATA:-data/cifar10-jpeg.tar.xz}
+T_KERNELS=${T_KERNELS:-150}; T_THROUGHPUT=${T_THROUGHPUT:-150}; T_RUN=${T_RUN:-240}  # seconds
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu.log") 2>&1
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+
+echo "== loss kernels =="
+timeout $T_KERNELS python3 -m benchmarks.losses --sizes $SIZES --impls jaxmetric \
+  --modes all semihard batch_hard --large-modes all semihard batch_hard --repeats 5 \
+  --json "$OUT/losses-gpu.json"
+
+echo "== throughput ($MODEL, $DTYPE, batch $BATCH) =="
+timeout $T_THROUGHPUT python3 -m benchmarks.throughput --model $MODEL --dtype $DTYPE \
+  --batch-size $BATCH --steps $STEPS --json "$OUT/throughput.json"
+
+for LOSS in triplet contrastive; do
+  echo "== CIFAR-10 $LOSS =="
+  RUN=/tmp/runs/$LOSS
+  rm -rf "$RUN"
+  CMD="python3 -m experiments.cifar10 --loss $LOSS --model $MODEL --dtype $DTYPE --batch-size $BATCH --epochs $EPOCHS --eval-every 10 --data-dir $DATA --out $RUN --no-progress $SUBSET"
+  timeout $T_RUN $CMD
+  python3 -m benchmarks.collect_run "$RUN" --command "$CMD" --out "$OUT/result-$LOSS.json"
+  cp "$RUN/tsne.png" "$OUT/tsne-$LOSS.png" 2>/dev/null || true
+done
+ls -la "$OUT"

@@ -1,0 +1,106 @@
+"""Training throughput: the bare train step vs the whole training loop.
+
+    python -m benchmarks.throughput --model resnet18 --dtype bfloat16 --batch-size 1024
+    python -m benchmarks.throughput --model homebrew --batch-size 256 --steps 20   # CPU
+
+Two numbers, on random uint8 images resident on the devices (CIFAR-10 shaped,
+``--images`` of them) and every local device:
+
+* ``step_images_per_second``: back-to-back calls of the jitted data-parallel train step
+  (augmentation, forward, mining + loss, backward, optimizer update) with the batch
+  indices already on the device, one host sync at the end;
+* ``loop_images_per_second``: :func:`jaxmetric.train.fit` itself (the second epoch, so
+  compilation is excluded): host-side sampling, index transfer, metric fetches every
+  ``log_every`` steps, checkpointing.
+
+``outside_step_fraction = 1 - loop / step`` is the share of time the real loop spends
+outside the train step (data, metrics, host syncs, checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmetric import data, train
+from jaxmetric.config import TrainConfig
+
+
+def _synthetic(n: int, seed: int = 0) -> data.Dataset:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.int32)
+    split = data.Split(images, labels)
+    return data.Dataset(train=split, test=split, class_names=data.CIFAR10_CLASSES)
+
+
+def bare_step(config: TrainConfig, dataset, steps: int, mesh) -> float:
+    steps_per_epoch = len(dataset.train) // config.batch_size
+    state, key = train._initial_state(config, steps_per_epoch, mesh)
+    step_fn = train.make_train_step(train.make_loss_fn(config), mesh, augment=config.augment,
+                                    dtype=jnp.dtype(config.dtype))
+    replicated = NamedSharding(mesh, P())
+    images = jax.device_put(dataset.train.images, replicated)
+    labels = jax.device_put(dataset.train.labels, replicated)
+    rng = np.random.default_rng(0)
+    indices = [jax.device_put(rng.permutation(len(labels))[: config.batch_size].astype(np.int32),
+                              NamedSharding(mesh, P(train.AXIS))) for _ in range(steps)]
+    key = jax.random.wrap_key_data(key)
+    state, metrics = step_fn(state, images, labels, indices[0], key)  # compile
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(steps):
+        state, metrics = step_fn(state, images, labels, indices[i], key)
+    jax.block_until_ready((state, metrics))
+    return steps * config.batch_size / (time.perf_counter() - start)
+
+
+def whole_loop(config: TrainConfig, dataset, mesh) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "run"
+        train.fit(config, dataset, out, mesh=mesh, progress=False)
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return records[-1]["images_per_second"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--loss", default="triplet")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--images", type=int, default=50_000)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--json", help="write the result here")
+    args = p.parse_args(argv)
+
+    dataset = _synthetic(args.images)
+    config = TrainConfig(model=args.model, dtype=args.dtype, loss=args.loss,
+                         batch_size=args.batch_size, epochs=2, warmup_epochs=1, out="unused")
+    mesh = train.make_mesh()
+    step_ips = bare_step(config, dataset, args.steps, mesh)
+    loop_ips = whole_loop(config, dataset, mesh)
+    result = {
+        "model": args.model, "dtype": args.dtype, "loss": args.loss,
+        "batch_size": args.batch_size, "devices": [str(d) for d in mesh.devices.flat],
+        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "step_images_per_second": step_ips, "loop_images_per_second": loop_ips,
+        "outside_step_fraction": max(0.0, 1.0 - loop_ips / step_ips),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
