@@ -132,9 +132,7 @@ def main(argv=None) -> int:
         tsne_points=args.tsne_points, progress=progress,
     )
     if jax.process_index() == 0:
-        summary = metrics["test_vs_train"]
-        print(f"{config.out}: precision@1 {summary['precision_at_1']:.4f} "
-              f"(test vs train), MAP@R {metrics['test_vs_test']['map_at_r']:.4f} (test vs test)")
+        print(f"{config.out}: {report.summary_line(metrics)}")
     return 0
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "clustering_metrics",
     "embed",
     "evaluate_embeddings",
+    "flatten",
     "index_params",
     "knn_search",
     "l2_normalize",
@@ -908,12 +909,13 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping, sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (nested dicts joined with ``sep``)."""
     flat: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, sep, name + sep))
         else:
             flat[name] = value
     return flat
@@ -968,7 +970,7 @@ def write_report(
     if sections:
         lines += ["## Metrics", ""]
     for name, section in sections:
-        flat = _flatten(section)
+        flat = flatten(section)
         if not flat:
             continue
         lines += [f"### {name}", "", "| metric | value |", "| --- | --- |"]

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["dataset_note", "embed_splits", "evaluate_state", "precision_at_1_hook", "main"]
+__all__ = ["dataset_note", "embed_splits", "evaluate_state", "precision_at_1_hook", "summary_line", "main"]
 
 EMBED_BATCH = 1024
 
@@ -149,6 +149,12 @@ def evaluate_state(
     return metrics
 
 
+def summary_line(metrics: Mapping[str, Any]) -> str:
+    """One line of the headline numbers of :func:`evaluate_state`'s metrics."""
+    return (f"precision@1 {metrics['test_vs_train']['precision_at_1']:.4f} (test vs train), "
+            f"MAP@R {metrics['test_vs_test']['map_at_r']:.4f} (test vs test)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxmetric.evaluate",
                                 description="Re-evaluate a saved jaxmetric run.")
@@ -176,9 +182,7 @@ def main(argv=None) -> int:
     cfg = config.to_dict() | {"data_dir": data_dir}
     metrics = evaluate_state(state, dataset, args.run_dir, config=cfg, epoch=epoch,
                              tsne_points=args.tsne_points, progress=not args.no_progress)
-    t = metrics["test_vs_train"]
-    print(f"{args.run_dir} epoch {epoch}: precision@1 {t['precision_at_1']:.4f} (test vs train), "
-          f"MAP@R {metrics['test_vs_test']['map_at_r']:.4f} (test vs test)")
+    print(f"{args.run_dir} epoch {epoch}: {summary_line(metrics)}")
     return 0
 
 

@@ -291,17 +291,6 @@ def plot_tsne(
 # --------------------------------------------------------------------------------------
 
 
-def _flatten_record(record: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten_record(value, name + "/"))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
         value, (bool, np.bool_)
@@ -332,7 +321,7 @@ def plot_curves(metrics_records: Sequence[Mapping[str, Any]], path, *, ncols: in
     for i, rec in enumerate(metrics_records):
         if not isinstance(rec, Mapping):
             raise TypeError(f"metrics_records[{i}] must be a dict; got {type(rec).__name__}")
-        records.append(_flatten_record(rec))
+        records.append(evaluate.flatten(rec, "/"))
     keys: list[str] = []
     for rec in records:
         for key, value in rec.items():
