@@ -3,6 +3,7 @@
     python -m benchmarks.losses                      # default table (README)
     python -m benchmarks.losses --sizes 1024 4096 --modes all semihard
     python -m benchmarks.losses --json benchmarks/results/losses-cpu.json
+    python -m benchmarks.losses --pml-python /path/to/venv-with-pml/bin/python
 
 Every configuration runs in a fresh subprocess so that its peak memory is its own:
 ``peak_rss_mib`` is the process's peak resident set during the timed calls minus its
@@ -28,9 +29,9 @@ import sys
 import time
 
 DIM, CLASSES, MARGIN = 128, 10, 0.2
-IMPLS = ("jaxmetric", "lecture_mask_jax", "python_loops")
+IMPLS = ("jaxmetric", "lecture_mask_jax", "python_loops", "pml")
 # The references are only run where they fit this 24 GiB / 2-core machine in seconds.
-MAX_B = {"lecture_mask_jax": 512, "python_loops": 128}
+MAX_B = {"lecture_mask_jax": 512, "python_loops": 128, "pml": 1024}
 
 
 def _inputs(b):
@@ -92,10 +93,33 @@ def _peak_rss_kib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _pml_fn(x, labels):
+    """pytorch-metric-learning's TripletMarginLoss set to the same loss: all triplets,
+    squared L2, mean over all of them; loss and backward on the CPU."""
+    import torch
+    from pytorch_metric_learning import distances, losses, reducers
+
+    loss_fn = losses.TripletMarginLoss(
+        margin=MARGIN, triplets_per_anchor="all", reducer=reducers.MeanReducer(),
+        distance=distances.LpDistance(normalize_embeddings=False, p=2, power=2),
+    )
+    y = torch.from_numpy(labels.astype("int64"))
+
+    def run():
+        e = torch.from_numpy(x.copy()).requires_grad_(True)
+        loss_fn(e, y).backward()
+        return e.grad
+
+    return run
+
+
 def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
     x, labels = _inputs(b)
     xla_temp = None
-    if impl == "python_loops":
+    if impl == "pml":
+        fn = _pml_fn(x, labels)
+        fn()  # warm-up
+    elif impl == "python_loops":
         fn = lambda: _python_loops_loss(x, labels)  # noqa: E731  (forward only)
         repeats = 1
     else:
@@ -130,8 +154,8 @@ def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
     }
 
 
-def _worker(impl, mode, b, repeats, timeout):
-    cmd = [sys.executable, "-m", "benchmarks.losses", "--worker", impl, mode, str(b), str(repeats)]
+def _worker(impl, mode, b, repeats, timeout, python=sys.executable):
+    cmd = [python, "-m", "benchmarks.losses", "--worker", impl, mode, str(b), str(repeats)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
     except subprocess.TimeoutExpired:
@@ -152,6 +176,12 @@ def _fmt(r):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # runs in the measured interpreter (PML's has no JAX)
+        impl, mode, b, repeats = argv[1:5]
+        print(json.dumps(run_one(impl, mode, int(b), int(repeats))))
+        return
+
     from jaxmetric.losses import MINING_MODES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,12 +193,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--json", help="also write the rows to this JSON file")
-    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--pml-python", help="a Python with torch and pytorch-metric-learning: "
+                   "also time PML's TripletMarginLoss (skipped when not given)")
     args = p.parse_args(argv)
-    if args.worker:
-        impl, mode, b, repeats = args.worker
-        print(json.dumps(run_one(impl, mode, int(b), int(repeats))))
-        return
 
     import jax
 
@@ -179,13 +206,14 @@ def main(argv=None):
     rows = []
     for b in args.sizes:
         for impl in args.impls:
-            if b > MAX_B.get(impl, b):
+            if b > MAX_B.get(impl, b) or (impl == "pml" and not args.pml_python):
                 continue
             modes = args.modes if impl == "jaxmetric" else ["all"]
             for mode in modes:
                 if b > 4096 and mode not in args.large_modes:
                     continue
-                r = _worker(impl, mode, b, args.repeats, args.timeout)
+                python = args.pml_python if impl == "pml" else sys.executable
+                r = _worker(impl, mode, b, args.repeats, args.timeout, python)
                 rows.append(r)
                 print(_fmt(r), flush=True)
     if args.json:
