@@ -102,7 +102,14 @@ def main(argv=None) -> int:
 
     from jaxmetric import distributed
 
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        multiprocess = distributed.initialize(args.coordinator, args.num_processes,
+                                              args.process_id)
+    except ValueError as e:
+        parser.error(str(e))
+    if multiprocess and not args.out:
+        parser.error("--out is required with several processes: the same shared folder "
+                     "on every host (the default name holds each host's start time)")
 
     import jax
 
@@ -133,6 +140,9 @@ def main(argv=None) -> int:
     )
     if jax.process_index() == 0:
         print(f"{config.out}: {report.summary_line(metrics)}")
+    # Keep every process alive until process 0 has written the report: one that exits
+    # early would wait in JAX's shutdown barrier and, past its timeout, stop them all.
+    distributed.barrier("report")
     return 0
 
 

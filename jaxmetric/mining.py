@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "MAX_ROW_LENGTH",
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 MAX_ROW_LENGTH = 1 << 16
-_LOW16 = jnp.uint32(0xFFFF)
+_LOW16 = np.uint32(0xFFFF)  # numpy: importing must not start a JAX backend
 
 
 def sort_permutation(keys: jax.Array) -> jax.Array:

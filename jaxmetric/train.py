@@ -44,6 +44,21 @@ checkpoint into ``<epoch>.orbax-checkpoint-tmp*`` and renames it to ``<epoch>`` 
 when complete (``AtomicRenameTemporaryPath``, the default on local file systems); steps
 are listed from finalised directories only, so a crash mid-write never replaces the last
 good checkpoint, and leftover temporary directories are deleted when the manager opens.
+
+**Several processes** (multi-host; :mod:`jaxmetric.distributed`). After
+``distributed.initialize`` the default mesh (:func:`make_mesh`) spans ``jax.devices()``,
+every device of every process, and the same code runs in every process. Host values
+become global arrays through :func:`_put` (``jax.make_array_from_callback``): each
+process puts only its own devices' part. Each process holds the whole training set and
+puts a copy on each of its devices (fine for CIFAR-sized data; :func:`fit` checks that
+all processes loaded the same data), builds every global batch of indices itself from
+``(seed, epoch)`` and feeds only its slice; the losses' all-gather over ``"batch"`` then
+spans processes (gloo on CPU, NCCL on GPU), so mining sees the global batch and the
+result equals one process with as many devices (``tests/test_distributed.py``). The
+initial state is broadcast from process 0. All processes save and restore the orbax
+checkpoints together (the run folder must be on a shared file system); process 0 alone
+writes ``config.json`` and ``metrics.jsonl``. :func:`make_embed_fn` returns the full
+embeddings on every process.
 """
 
 from __future__ import annotations
@@ -66,7 +81,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmetric import losses, sampling
+from jaxmetric import distributed, losses, sampling
 from jaxmetric.augment import augment, normalize
 from jaxmetric.config import TrainConfig
 from jaxmetric.models import create_model
@@ -108,11 +123,82 @@ class TrainState(train_state.TrainState):
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """1-D data-parallel mesh ``("batch",)`` over ``devices`` (default: all local)."""
-    devices = jax.local_devices() if devices is None else list(devices)
+    """1-D data-parallel mesh ``("batch",)`` over ``devices``.
+
+    The default is ``jax.devices()``: every device of every process (the local devices
+    in a single-process run), ordered by process, so that process ``p`` holds a
+    contiguous slice of each global batch.
+    """
+    devices = jax.devices() if devices is None else list(devices)
     if not devices:
         raise ValueError("make_mesh needs at least one device")
     return Mesh(np.array(devices), (AXIS,))
+
+
+def _put(tree, sharding: NamedSharding):
+    """``jax.device_put`` that also works when ``sharding`` spans several processes.
+
+    Every process passes the same global host value; each one puts only the slices that
+    belong to its own devices (``jax.make_array_from_callback``), so nothing crosses
+    processes here and the result is a valid global ``jax.Array``. Arrays that already
+    span processes are resharded by ``jax.device_put``. On a single-process mesh this is
+    plain ``jax.device_put``.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+_AGREED_ERRORS = (FileExistsError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def _agree(error: BaseException | None) -> None:
+    """Raise ``error`` here and an error of the same type on every other process.
+
+    Checks that may fail on one process only (a file system not shared by all of them)
+    must fail everywhere, or the others would wait in the next collective until JAX's
+    timeouts kill them. A collective itself: every process must call it.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        code = 0
+        if error is not None:
+            code = 1 + next((i for i, t in enumerate(_AGREED_ERRORS) if isinstance(error, t)),
+                            len(_AGREED_ERRORS) - 1)
+        codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+        if error is None and codes.any():
+            first = int(np.flatnonzero(codes)[0])
+            raise _AGREED_ERRORS[codes[first] - 1](
+                f"process {first} failed a start-up check (see its error message); "
+                f"failed processes: {np.flatnonzero(codes).tolist()}")
+    if error is not None:
+        raise error
+
+
+def _check_same_data(images: np.ndarray, labels: np.ndarray) -> None:
+    """Multi-process: every process must hold the same training set, in the same order."""
+    if jax.process_count() == 1:
+        return
+    import zlib
+
+    from jax.experimental import multihost_utils
+
+    digest = np.array([len(labels) % 2**32, zlib.crc32(np.ascontiguousarray(labels)),
+                       zlib.crc32(np.ascontiguousarray(images))], np.uint32)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    if not (digests == digests[:1]).all():
+        raise ValueError(
+            "the training set differs between processes (size, crc32 of labels, crc32 of "
+            f"images per process: {digests.tolist()}): every process must load the same "
+            "data in the same order")
 
 
 def make_loss_fn(config: TrainConfig) -> Callable:
@@ -266,8 +352,11 @@ def _sharded_embed(apply_fn, mesh: Mesh):
         x = normalize(images)
         return apply_fn(variables, x, train=False).astype(jnp.float32)
 
+    # Replicated output: every process gets the whole batch of embeddings (an all-gather
+    # over the mesh, across processes when it spans several).
     return jax.jit(jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(AXIS)),
-                                 out_specs=P(AXIS)))
+                                 out_specs=P(AXIS)),
+                   out_shardings=NamedSharding(mesh, P()))
 
 
 def _mesh_of(tree) -> Mesh | None:
@@ -279,17 +368,22 @@ def _mesh_of(tree) -> Mesh | None:
 def make_embed_fn(state: TrainState, *, mesh: Mesh | None = None) -> Callable[[Any], np.ndarray]:
     """``embed_fn(images uint8 (B, H, W, C)) -> float32 numpy (B, D)``, eval mode.
 
-    Runs on every device of ``mesh`` (default: the mesh ``state`` lives on, else all
-    local devices); a batch is padded to a multiple of the device count by repeating its
-    last image, and the padding is dropped. The compiled function is cached per model
-    and mesh, so calling this every epoch does not recompile. Use it as
+    Runs on every device of ``mesh`` (default: the mesh ``state`` lives on, else
+    :func:`make_mesh`); a batch is padded to a multiple of the device count by repeating
+    its last image, and the padding is dropped. The compiled function is cached per
+    model and mesh, so calling this every epoch does not recompile. Use it as
     ``evaluate.embed(make_embed_fn(state), images, batch_size=...)``.
+
+    **Several processes** (a mesh over ``jax.devices()`` of a ``jax.distributed`` job):
+    every process must call ``embed_fn`` with the same images at the same time (it is a
+    collective); each one puts only its devices' slice of the batch on them, and every
+    process gets the full ``(B, D)`` embeddings back, so metrics can be computed on
+    process 0 alone.
     """
     mesh = mesh or _mesh_of(state.params) or make_mesh()
     fn = _sharded_embed(state.apply_fn, mesh)
     replicated = NamedSharding(mesh, P())
-    variables = jax.device_put({"params": state.params, "batch_stats": state.batch_stats},
-                               replicated)
+    variables = _put({"params": state.params, "batch_stats": state.batch_stats}, replicated)
     sharded = NamedSharding(mesh, P(AXIS))
 
     def embed_fn(images) -> np.ndarray:
@@ -300,7 +394,9 @@ def make_embed_fn(state: TrainState, *, mesh: Mesh | None = None) -> Callable[[A
         n, pad = len(images), -len(images) % mesh.size
         if pad:
             images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-        return np.asarray(fn(variables, jax.device_put(images, sharded)))[:n]
+        out = fn(variables, _put(images, sharded))
+        return np.asarray(out.addressable_data(0) if not out.is_fully_addressable
+                          else out)[:n]
 
     return embed_fn
 
@@ -343,14 +439,22 @@ def _initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh):
     root = jax.random.key(config.seed)
     state = create_train_state(jax.random.fold_in(root, 0), model, config, steps_per_epoch)
     train_key = jax.random.key_data(jax.random.fold_in(root, 1))
-    return jax.device_put((state, train_key), NamedSharding(mesh, P()))
+    if mesh.is_multi_process:
+        # Every process initialised from the same seed; process 0's values win, so the
+        # replicas are bit-identical even if hosts' CPUs round differently.
+        from jax.experimental import multihost_utils
+
+        state, train_key = multihost_utils.broadcast_one_to_all((state, train_key))
+    return _put((state, train_key), NamedSharding(mesh, P()))
 
 
 def restore_state(run_dir, *, epoch: int | None = None, mesh: Mesh | None = None):
     """Loads a saved run: ``(config, state, epoch)`` from ``run_dir`` (latest epoch).
 
     ``run_dir`` is a folder written by :func:`fit` (``config.json`` and
-    ``checkpoints/``). Raises ``FileNotFoundError`` naming what is missing.
+    ``checkpoints/``). Raises ``FileNotFoundError`` naming what is missing. With a mesh
+    over several processes (the default in a ``jax.distributed`` job) every process
+    must call this; the state comes back replicated over the mesh.
     """
     run_dir = pathlib.Path(run_dir)
     config_file = run_dir / "config.json"
@@ -381,7 +485,32 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def _prepare_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) -> None:
-    """Refuse to overwrite a run; on resume, check the config matches the saved one."""
+    """Refuse to overwrite a run; on resume, check the config matches the saved one.
+
+    Every process checks (the same verdict everywhere, see :func:`_agree`); process 0
+    alone writes ``config.json``, after all have checked, and the others then check
+    that they see it: the run folder must be on a file system shared by all processes.
+    """
+    error = None
+    try:
+        _check_run_dir(out_dir, config, resume)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        error = e
+    _agree(error)
+    if resume:
+        return
+    config_file = out_dir / "config.json"
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(config_file, json.dumps(config.to_dict(), indent=2) + "\n")
+    if jax.process_count() > 1:
+        _agree(None)  # barrier: config.json is written
+        _agree(None if config_file.is_file() else FileNotFoundError(
+            f"process {jax.process_index()} does not see {config_file} written by process "
+            "0: the run folder must be on a file system shared by every process"))
+
+
+def _check_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) -> None:
     ckpt_dir = out_dir / "checkpoints"
     config_file = out_dir / "config.json"
     if not resume:
@@ -391,8 +520,6 @@ def _prepare_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) -
             raise FileExistsError(
                 f"{out_dir} already holds a run ({', '.join(existing)}); pass resume=True "
                 "(--resume) to continue it, or choose another output folder")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(config_file, json.dumps(config.to_dict(), indent=2) + "\n")
         return
     if not _finalized_epochs(ckpt_dir):
         raise FileNotFoundError(
@@ -428,7 +555,7 @@ def _epoch_indices(config: TrainConfig, labels: np.ndarray, epoch: int) -> np.nd
 
 def _mean_metrics(chunks: list[dict[str, jax.Array]]) -> dict[str, float]:
     """Fetch stacked step metrics (one host sync) and average; lr is the last value."""
-    host = jax.device_get(chunks)
+    host = distributed.to_host(chunks)
     out = {k: float(np.mean([m[k] for m in host])) for k in METRICS if k != "lr"}
     out["lr"] = float(host[-1]["lr"])
     return out
@@ -452,8 +579,23 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
       eval_hook: ``hook(state, epoch) -> dict`` called after epochs that are multiples
         of ``config.eval_every`` and after the last one; its dict is merged into the
         epoch's record (e.g. precision@1 from :func:`make_embed_fn`).
-      mesh: 1-D ``("batch",)`` mesh to train on (default: all local devices).
-      progress: show a tqdm bar per epoch.
+      mesh: 1-D ``("batch",)`` mesh to train on (default :func:`make_mesh`: every
+        device of every process).
+      progress: show a tqdm bar per epoch (on process 0).
+
+    **Several processes** (after :func:`jaxmetric.distributed.initialize`): every
+    process calls ``fit`` with the same config and the same ``dataset`` and a mesh over
+    all processes' devices (the default). Each process keeps the whole training set in
+    host memory and puts it on its own devices (fine for CIFAR-sized data; checked to be
+    identical on all processes), computes every global batch of indices from
+    ``(seed, epoch)`` itself and feeds only its devices' slice of it; the losses gather
+    the embeddings over the whole mesh, so mining sees the global batch. All processes
+    take part in saving and restoring checkpoints (orbax coordinates them: the run
+    folder must be on a file system they all share); process 0 alone writes
+    ``config.json`` and ``metrics.jsonl`` and shows progress. ``eval_hook`` runs on
+    every process (embedding is a collective); compute metrics on process 0 and
+    broadcast them if every process needs the record. The returned state is replicated
+    over the mesh (read it with :func:`jaxmetric.distributed.to_host`).
     """
     from tqdm.auto import tqdm
 
@@ -461,9 +603,16 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     mesh = make_mesh() if mesh is None else mesh
     if mesh.axis_names != (AXIS,):
         raise ValueError(f"mesh must be 1-D with axis {AXIS!r}; got axes {mesh.axis_names}")
+    if jax.process_count() > 1 and {d.process_index for d in mesh.devices.flat} != set(
+            range(jax.process_count())):
+        raise ValueError(f"in a {jax.process_count()}-process run the mesh must hold devices "
+                         "of every process: use make_mesh(jax.devices())")
     config.check_devices(mesh.size)
+    primary = jax.process_index() == 0
+    progress = progress and primary
     train = dataset.train
     steps = sampling.steps_per_epoch(len(train), config.batch_size)
+    _check_same_data(train.images, train.labels)
     _prepare_run_dir(out_dir, config, resume)
 
     dtype = jnp.dtype(config.dtype)
@@ -477,26 +626,36 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
 
         if resume:
             start_epoch = manager.latest_step()
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                seen = np.asarray(multihost_utils.process_allgather(np.int32(start_epoch)))
+                if (seen != seen[0]).any():
+                    raise RuntimeError(
+                        f"processes see different latest checkpoints {seen.tolist()} in "
+                        f"{out_dir / 'checkpoints'}: it must be on a shared file system")
             state, train_key = _restore(manager, start_epoch, state, train_key)
-            _truncate_metrics(out_dir / "metrics.jsonl", start_epoch)
+            if primary:
+                _truncate_metrics(out_dir / "metrics.jsonl", start_epoch)
             log.info("resumed %s at epoch %d (step %d)", out_dir, start_epoch, int(state.step))
 
         step_fn = make_train_step(make_loss_fn(config), mesh, augment=config.augment,
                                   dtype=dtype)
-        images = jax.device_put(train.images, replicated)
-        labels = jax.device_put(train.labels, replicated)
+        # Every process holds the whole training set and puts it on its own devices.
+        images = _put(train.images, replicated)
+        labels = _put(train.labels, replicated)
         sharded = NamedSharding(mesh, P(AXIS))
         key = jax.random.wrap_key_data(train_key)
 
         for epoch in range(start_epoch, config.epochs):
+            # The same global batches on every process; each feeds its devices' slice.
             indices = _epoch_indices(config, train.labels, epoch)
             bar = tqdm(total=steps * config.batch_size, desc=f"epoch {epoch + 1}/{config.epochs}",
                        unit="img", unit_scale=True, disable=not progress, leave=False)
             start = time.perf_counter()
             pending, done = [], []
             for i in range(steps):
-                state, metrics = step_fn(state, images, labels,
-                                         jax.device_put(indices[i], sharded), key)
+                state, metrics = step_fn(state, images, labels, _put(indices[i], sharded), key)
                 pending.append(metrics)
                 bar.update(config.batch_size)
                 if len(pending) == config.log_every or i == steps - 1:
@@ -521,11 +680,14 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
                 record |= dict(extra)
 
             meta = {"epoch": epoch + 1, "step": int(state.step)}
+            # Every process saves (orbax writes each process's shards and lets process 0
+            # write the metadata and finalise the directory).
             manager.save(epoch + 1, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"state": state, "train_key": jax.random.key_data(key)}),
                 meta=ocp.args.JsonSave(meta)))
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if primary:
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
             if progress:
                 tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f} active "
                            f"{record['active_fraction']:.3f} {record['images_per_second']:.0f} img/s")
