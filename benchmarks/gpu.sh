@@ -28,9 +28,10 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+WHEELS=${WHEELS:-.whl}        # carried cp312 wheels (faiss, openTSNE); "" = use what is installed
+if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true

@@ -6,10 +6,10 @@
     python -m benchmarks.losses --pml-python /path/to/venv-with-pml/bin/python
 
 Every configuration runs in a fresh subprocess so that its peak memory is its own:
-``peak_rss_mib`` is the process's peak resident set during the timed calls minus its
-resident set just before them (Linux: the peak is reset through
-``/proc/self/clear_refs`` after compiling and one warm-up call), so it is the working
-memory of the computation and not JAX itself, and
+``peak_rss_mib`` is the process's peak resident set during the warm-up and timed calls
+minus its resident set after compiling (Linux: the peak is reset through
+``/proc/self/clear_refs`` once compiled), so it is the working memory of the computation
+(allocator caches included) and not JAX or the compiler, and
 ``xla_temp_mib`` is XLA's own estimate of the compiled program's temporary buffers.
 Inputs: B unit-norm embeddings of dimension D = 128, labels uniform over 10 classes,
 squared L2, margin 0.2, reduction "mean". Times are medians of ``--repeats`` calls of
@@ -116,8 +116,10 @@ def _pml_fn(x, labels):
 def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
     x, labels = _inputs(b)
     xla_temp = None
+    base = None
     if impl == "pml":
         fn = _pml_fn(x, labels)
+        base = _reset_peak_rss_kib()
         fn()  # warm-up
     elif impl == "python_loops":
         fn = lambda: _python_loops_loss(x, labels)  # noqa: E731  (forward only)
@@ -136,8 +138,10 @@ def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
         if analysis is not None:
             xla_temp = analysis.temp_size_in_bytes / 2**20
         fn = lambda: jax.block_until_ready(compiled(x))  # noqa: E731
+        base = _reset_peak_rss_kib()
         fn()  # warm-up
-    base = _reset_peak_rss_kib()
+    if base is None:
+        base = _reset_peak_rss_kib()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
