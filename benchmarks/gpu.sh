@@ -16,6 +16,7 @@ set -uo pipefail
 # Knobs (defaults are the H200 measurement; the CPU dry run in README shrinks them):
 OUT=${OUT:-/tmp/jaxmetric-gpu}
 EPOCHS=${EPOCHS:-40}
+WARMUP=${WARMUP:-5}
 MODEL=${MODEL:-resnet18}
 DTYPE=${DTYPE:-bfloat16}
 BATCH=${BATCH:-1024}
@@ -28,7 +29,7 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
 
-WHEELS=${WHEELS:-.whl}        # carried cp312 wheels (faiss, openTSNE); "" = use what is installed
+WHEELS=${WHEELS-.whl}         # carried cp312 wheels (faiss, openTSNE); WHEELS= : use what is installed
 if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -50,9 +51,12 @@ for LOSS in triplet contrastive; do
   echo "== CIFAR-10 $LOSS =="
   RUN=/tmp/runs/$LOSS
   rm -rf "$RUN"
-  CMD="python3 -m experiments.cifar10 --loss $LOSS --model $MODEL --dtype $DTYPE --batch-size $BATCH --epochs $EPOCHS --eval-every 10 --data-dir $DATA --out $RUN --no-progress $SUBSET"
-  timeout $T_RUN $CMD
-  python3 -m benchmarks.collect_run "$RUN" --command "$CMD" --out "$OUT/result-$LOSS.json"
-  cp "$RUN/tsne.png" "$OUT/tsne-$LOSS.png" 2>/dev/null || true
+  CMD="python3 -m experiments.cifar10 --loss $LOSS --model $MODEL --dtype $DTYPE --batch-size $BATCH --epochs $EPOCHS --warmup-epochs $WARMUP --eval-every 10 --data-dir $DATA --out $RUN --no-progress $SUBSET"
+  if timeout $T_RUN $CMD; then
+    python3 -m benchmarks.collect_run "$RUN" --command "$CMD" --out "$OUT/result-$LOSS.json"
+    cp "$RUN/tsne.png" "$OUT/tsne-$LOSS.png"
+  else
+    echo "!! $LOSS run failed or timed out"
+  fi
 done
 ls -la "$OUT"
