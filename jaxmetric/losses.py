@@ -393,7 +393,8 @@ def triplet_loss(
       ``num_selected_triplets``, ``num_active_triplets``, ``active_fraction``
       (active / selected), ``num_pos_pairs``, ``num_neg_pairs``,
       ``mean_pos_distance``, ``mean_neg_distance``. Counts are float32 (exact to 2²⁴,
-      then rounded; an int32 count would overflow near B = 1300 for "all").
+      then rounded; an int32 count would overflow near B = 2,900 for "all" over
+      10 classes).
     """
     _check_choice("mining", mining, MINING_MODES)
     _check_choice("reduction", reduction, REDUCTIONS)
