@@ -47,11 +47,13 @@ echo "== throughput ($MODEL, $DTYPE, batch $BATCH) =="
 timeout $T_THROUGHPUT python3 -m benchmarks.throughput --model $MODEL --dtype $DTYPE \
   --batch-size $BATCH --steps $STEPS --json "$OUT/throughput.json"
 
+TRIPLET_FLAGS=${TRIPLET_FLAGS:---mining semihard}   # best of the CPU tuning runs (README)
 for LOSS in triplet contrastive; do
   echo "== CIFAR-10 $LOSS =="
   RUN=/tmp/runs/$LOSS
   rm -rf "$RUN"
-  CMD="python3 -m experiments.cifar10 --loss $LOSS --model $MODEL --dtype $DTYPE --batch-size $BATCH --epochs $EPOCHS --warmup-epochs $WARMUP --eval-every 10 --data-dir $DATA --out $RUN --no-progress $SUBSET"
+  FLAGS=""; [ "$LOSS" = triplet ] && FLAGS=$TRIPLET_FLAGS
+  CMD="python3 -m experiments.cifar10 --loss $LOSS $FLAGS --model $MODEL --dtype $DTYPE --batch-size $BATCH --epochs $EPOCHS --warmup-epochs $WARMUP --eval-every 10 --data-dir $DATA --out $RUN --no-progress $SUBSET"
   if timeout $T_RUN $CMD; then
     python3 -m benchmarks.collect_run "$RUN" --command "$CMD" --out "$OUT/result-$LOSS.json"
     cp "$RUN/tsne.png" "$OUT/tsne-$LOSS.png"
