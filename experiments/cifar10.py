@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     try:
         state = train.fit(config, dataset, config.out, resume=args.resume, eval_hook=hook,
                           mesh=mesh, progress=progress)
-    except (FileExistsError, FileNotFoundError) as e:
+    except (FileExistsError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     metrics = report.evaluate_state(

@@ -661,6 +661,13 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
                 if len(pending) == config.log_every or i == steps - 1:
                     done.append(_mean_metrics(pending) | {"n": len(pending)})
                     pending = []
+                    if not np.isfinite(done[-1]["loss"]):
+                        raise FloatingPointError(
+                            f"the training loss became {done[-1]['loss']} in epoch {epoch + 1} "
+                            f"(by step {int(state.step)}); nothing of this epoch was saved"
+                            + (f" — the last checkpoint is epoch {epoch} in "
+                               f"{out_dir / 'checkpoints'}" if epoch else "")
+                            + ". Lower --lr or check the data.")
                     bar.set_postfix(loss=f"{done[-1]['loss']:.4f}",
                                     active=f"{done[-1]['active_fraction']:.3f}")
             seconds = time.perf_counter() - start

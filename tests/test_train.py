@@ -277,3 +277,28 @@ def test_batch_must_split_over_devices(tmp_path):
     with pytest.raises(ValueError, match="not divisible by the number of devices 8"):
         train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(8), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(tmp_path, monkeypatch):
+    """A loss that turns NaN stops training; no checkpoint of that epoch is written.
+
+    (L2-normalised embeddings keep the loss bounded even at absurd learning rates, so
+    the divergence is injected into the loss.)
+    """
+    make_loss_fn = train.make_loss_fn
+
+    def diverging(config):
+        loss_fn = make_loss_fn(config)
+
+        def poisoned(embeddings, labels, **kw):
+            loss, info = loss_fn(embeddings, labels, **kw)
+            return loss * jnp.float32(jnp.nan), info
+
+        return poisoned
+
+    monkeypatch.setattr(train, "make_loss_fn", diverging)
+    config = tiny_config(tmp_path, epochs=2, log_every=1)
+    with pytest.raises(FloatingPointError, match="loss became .* in epoch 1"):
+        train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(1), progress=False)
+    assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
