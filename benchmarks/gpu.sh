@@ -53,7 +53,7 @@ for LOSS in triplet contrastive; do
   RUN=/tmp/runs/$LOSS
   rm -rf "$RUN"
   FLAGS=""; [ "$LOSS" = triplet ] && FLAGS=$TRIPLET_FLAGS
-  CMD="python3 -m experiments.cifar10 --loss $LOSS $FLAGS --model $MODEL --dtype $DTYPE --batch-size $BATCH --epochs $EPOCHS --warmup-epochs $WARMUP --eval-every 10 --data-dir $DATA --out $RUN --no-progress $SUBSET"
+  CMD="python3 -m experiments.cifar10 --loss $LOSS $FLAGS --model $MODEL --dtype $DTYPE --batch-size $BATCH --epochs $EPOCHS --warmup-epochs $WARMUP --eval-every 10 --checkpoint-every 10 --data-dir $DATA --out $RUN --no-progress $SUBSET"
   if timeout $T_RUN $CMD; then
     python3 -m benchmarks.collect_run "$RUN" --command "$CMD" --out "$OUT/result-$LOSS.json"
     cp "$RUN/tsne.png" "$OUT/tsne-$LOSS.png"

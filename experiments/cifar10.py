@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=int, help="first N test images, class-balanced")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="precision@1 every N epochs (and at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="checkpoint every N epochs (and at the end)")
     p.add_argument("--tsne-points", type=int, default=5000)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     dist = p.add_argument_group("several processes (see README, 'More than one machine')")
@@ -86,7 +88,8 @@ def config_from_args(args, parser) -> TrainConfig:
             classes_per_batch=args.classes_per_batch, augment=not args.no_augment,
             optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
             warmup_epochs=args.warmup_epochs, seed=args.seed, max_train=args.max_train,
-            max_test=args.max_test, eval_every=args.eval_every, data_dir=args.data_dir, out=out,
+            max_test=args.max_test, eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, out=out,
         )
     except (ValueError, TypeError) as e:
         parser.error(str(e))

@@ -70,6 +70,7 @@ class TrainConfig:
       eval_every: call the evaluation hook every this many epochs (and after the last).
       log_every: fetch step metrics from the device every this many steps.
       keep_checkpoints: number of epoch checkpoints to keep.
+      checkpoint_every: save a checkpoint every this many epochs (and after the last).
       data_dir: CIFAR-10 source for :func:`jaxmetric.data.load_cifar10` (None = tfds).
       out: run folder (metrics.jsonl, config.json, checkpoints/).
     """
@@ -98,6 +99,7 @@ class TrainConfig:
     eval_every: int = 10
     log_every: int = 50
     keep_checkpoints: int = 3
+    checkpoint_every: int = 1
     data_dir: str | None = None
     out: str = "runs/cifar10"
 
@@ -108,7 +110,7 @@ class TrainConfig:
         _choice("loss", self.loss, LOSSES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         for name in ("embed_dim", "epochs", "batch_size", "eval_every", "log_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "checkpoint_every"):
             _int(name, getattr(self, name), minimum=1)
         _int("seed", self.seed, minimum=0)
         for name in ("max_train", "max_test"):

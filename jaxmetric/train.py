@@ -109,7 +109,8 @@ AXIS = "batch"
 
 METRICS = ("loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "lr")
 # Config fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = frozenset({"out", "data_dir", "eval_every", "log_every", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"out", "data_dir", "eval_every", "log_every", "keep_checkpoints",
+                               "checkpoint_every"})
 
 
 class TrainState(train_state.TrainState):
@@ -689,9 +690,11 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
             meta = {"epoch": epoch + 1, "step": int(state.step)}
             # Every process saves (orbax writes each process's shards and lets process 0
             # write the metadata and finalise the directory).
-            manager.save(epoch + 1, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"state": state, "train_key": jax.random.key_data(key)}),
-                meta=ocp.args.JsonSave(meta)))
+            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+                manager.save(epoch + 1, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"state": state,
+                                                 "train_key": jax.random.key_data(key)}),
+                    meta=ocp.args.JsonSave(meta)))
             if primary:
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -302,3 +302,12 @@ def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(tmp_path, monk
         train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(1), progress=False)
     assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_checkpoint_every_saves_the_chosen_epochs_and_the_last(tmp_path):
+    config = tiny_config(tmp_path, epochs=3, checkpoint_every=2)
+    train.fit(config, tiny_dataset(32), tmp_path / "run", mesh=mesh_of(1), progress=False)
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert saved == [2, 3]
+    assert [r["epoch"] for r in read_records(tmp_path / "run")] == [1, 2, 3]
