@@ -45,7 +45,7 @@ def _synthetic(n: int, seed: int = 0) -> data.Dataset:
 
 def bare_step(config: TrainConfig, dataset, steps: int, mesh) -> float:
     steps_per_epoch = len(dataset.train) // config.batch_size
-    state, key = train._initial_state(config, steps_per_epoch, mesh)
+    state, key = train.initial_state(config, steps_per_epoch, mesh)
     step_fn = train.make_train_step(train.make_loss_fn(config), mesh, augment=config.augment,
                                     dtype=jnp.dtype(config.dtype))
     replicated = NamedSharding(mesh, P())

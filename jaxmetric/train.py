@@ -93,6 +93,7 @@ __all__ = [
     "create_train_state",
     "fit",
     "make_embed_fn",
+    "initial_state",
     "make_loss_fn",
     "restore_state",
     "make_mesh",
@@ -433,7 +434,7 @@ def _restore(manager, epoch: int, state: TrainState, train_key):
     return restored.state["state"], restored.state["train_key"]
 
 
-def _initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh):
+def initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh):
     """Fresh replicated state and training key for ``config`` (deterministic in seed)."""
     model = create_model(config.model, embed_dim=config.embed_dim, dtype=jnp.dtype(config.dtype),
                          stem=config.stem, bn_axis_name=AXIS)
@@ -470,7 +471,7 @@ def restore_state(run_dir, *, epoch: int | None = None, mesh: Mesh | None = None
         raise FileNotFoundError(f"no checkpoint for epoch {epoch} in {run_dir}; have {epochs}")
     mesh = make_mesh() if mesh is None else mesh
     # The schedule only needs a step count; the restored optimizer state carries the rest.
-    state, train_key = _initial_state(config, 1, mesh)
+    state, train_key = initial_state(config, 1, mesh)
     manager = _checkpoint_manager(run_dir / "checkpoints", config.keep_checkpoints)
     try:
         state, _ = _restore(manager, epoch, state, train_key)
@@ -617,7 +618,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     _prepare_run_dir(out_dir, config, resume)
 
     dtype = jnp.dtype(config.dtype)
-    state, train_key = _initial_state(config, steps, mesh)
+    state, train_key = initial_state(config, steps, mesh)
     replicated = NamedSharding(mesh, P())
 
     manager = _checkpoint_manager(out_dir / "checkpoints", config.keep_checkpoints)
