@@ -30,7 +30,7 @@ import sys
 import time
 
 from jaxmetric.config import DTYPES, LOSSES, OPTIMIZERS, TrainConfig
-from jaxmetric.losses import MINING_MODES
+from jaxmetric.losses import MINING_MODES, REDUCTIONS
 from jaxmetric.models import MODEL_NAMES
 
 
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pos-margin", type=float, default=d.pos_margin, help="contrastive only")
     p.add_argument("--euclidean", action="store_true",
                    help="triplet on Euclidean instead of squared distances")
+    p.add_argument("--power", type=float, default=d.power,
+                   help="contrastive only: exponent of each hinge (2 Hadsell, 1 PML)")
+    p.add_argument("--reduction", choices=REDUCTIONS, default=d.reduction,
+                   help="mean over all selected pairs/triplets, or over the non-zero ones")
     p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
     p.add_argument("--embed-dim", type=int, default=d.embed_dim)
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="compute dtype")
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     p.add_argument("--lr", type=float, help="peak learning rate (default scales with batch)")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--warmup-epochs", type=float,
+                   help="linear warm-up (default: min(5, epochs / 10))")
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
     p.add_argument("--data-dir", help="local CIFAR-10 (folder or archive); default: tfds")
     p.add_argument("--out", help="run folder (default: runs/cifar10-<loss>-<time>)")
@@ -84,7 +89,7 @@ def config_from_args(args, parser) -> TrainConfig:
         return TrainConfig(
             model=args.model, embed_dim=args.embed_dim, dtype=args.dtype, loss=args.loss,
             margin=args.margin, pos_margin=args.pos_margin, mining=args.mining,
-            squared=not args.euclidean, epochs=args.epochs, batch_size=args.batch_size,
+            squared=not args.euclidean, power=args.power, reduction=args.reduction, epochs=args.epochs, batch_size=args.batch_size,
             classes_per_batch=args.classes_per_batch, augment=not args.no_augment,
             optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
             warmup_epochs=args.warmup_epochs, seed=args.seed, max_train=args.max_train,

@@ -4,7 +4,8 @@ The defaults are a ResNet-18 (CIFAR stem) recipe for one GPU, chosen from the st
 CIFAR-10 ResNet training setup rather than tuned here:
 
 * SGD with Nesterov momentum 0.9, weight decay 5e-4 on the conv/dense kernels only (not
-  on BatchNorm scales and biases), a linear warm-up over 5 epochs to a peak learning
+  on BatchNorm scales and biases), a linear warm-up over 5 epochs (a tenth of the run
+  when that is shorter) to a peak learning
   rate ``0.1 * batch_size / 256`` (Goyal et al.'s linear scaling rule: 0.2 at the
   default batch of 512) and a cosine decay to 0 over the remaining epochs;
 * batch 512: with 10 classes a random batch has ~51 images per class, so every anchor
@@ -27,7 +28,7 @@ import dataclasses
 import math
 from typing import Any
 
-from jaxmetric.losses import MINING_MODES
+from jaxmetric.losses import MINING_MODES, REDUCTIONS
 from jaxmetric.models import MODEL_NAMES, STEMS
 
 __all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "DTYPES"]
@@ -38,6 +39,7 @@ DTYPES = ("float32", "bfloat16")
 
 DEFAULT_MARGIN = {"contrastive": 1.0, "triplet": 0.2}
 SGD_LR_PER_256 = 0.1
+DEFAULT_WARMUP_EPOCHS = 5.0
 ADAMW_LR = 1e-3
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
 
@@ -56,6 +58,12 @@ class TrainConfig:
       pos_margin: contrastive only: positives closer than this are not penalised.
       mining: triplet only: a :data:`jaxmetric.losses.MINING_MODES` entry (None = "all").
       squared: triplet only: squared (True, FaceNet) or plain Euclidean distances.
+      power: contrastive only: exponent of each pair's hinge (2 = Hadsell's squared
+        form, 1 = pytorch-metric-learning's ``ContrastiveLoss``).
+      reduction: how the loss terms are averaged, a :data:`jaxmetric.losses.REDUCTIONS`
+        entry: ``"mean"`` over all selected pairs / triplets, ``"mean_nonzero"`` over
+        the non-zero ones (pytorch-metric-learning's ``AvgNonZeroReducer``; for the
+        contrastive loss the positive and negative means are taken apart and added).
       epochs: passes over the training set.
       batch_size: global batch, split evenly over the devices.
       classes_per_batch: P of "P classes x K images" batches; None = plain shuffling.
@@ -64,7 +72,8 @@ class TrainConfig:
       lr: peak learning rate; None = 0.1 * batch_size / 256 (sgd) or 1e-3 (adamw).
       weight_decay: None = 5e-4 (sgd, added to the gradient) or 0.05 (adamw, decoupled).
       momentum: SGD momentum (Nesterov), or AdamW's b1.
-      warmup_epochs: linear warm-up length (may be fractional), then cosine to 0.
+      warmup_epochs: linear warm-up length (may be fractional), then cosine to 0;
+        None = ``min(5, epochs / 10)`` (5 epochs for long runs, a tenth of a short one).
       seed: fixes initialisation, sampling and augmentation.
       max_train, max_test: keep only this many (class-balanced) images; None = all.
       eval_every: call the evaluation hook every this many epochs (and after the last).
@@ -84,6 +93,8 @@ class TrainConfig:
     pos_margin: float = 0.0
     mining: str | None = None
     squared: bool = True
+    power: float = 2.0
+    reduction: str = "mean"
     epochs: int = 100
     batch_size: int = 512
     classes_per_batch: int | None = None
@@ -92,7 +103,7 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float = 0.9
-    warmup_epochs: float = 5.0
+    warmup_epochs: float | None = None
     seed: int = 0
     max_train: int | None = None
     max_test: int | None = None
@@ -109,6 +120,7 @@ class TrainConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("loss", self.loss, LOSSES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("reduction", self.reduction, REDUCTIONS)
         for name in ("embed_dim", "epochs", "batch_size", "eval_every", "log_every",
                      "keep_checkpoints", "checkpoint_every"):
             _int(name, getattr(self, name), minimum=1)
@@ -126,8 +138,9 @@ class TrainConfig:
         _number("momentum", self.momentum, minimum=0.0)
         if self.momentum >= 1:
             raise ValueError(f"momentum must be < 1; got {self.momentum}")
-        _number("warmup_epochs", self.warmup_epochs, minimum=0.0)
-        if self.warmup_epochs >= self.epochs:
+        if self.warmup_epochs is not None:
+            _number("warmup_epochs", self.warmup_epochs, minimum=0.0)
+        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(
                 f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs "
                 f"({self.epochs}), or the cosine decay never starts"
@@ -140,6 +153,7 @@ class TrainConfig:
                 )
             if self.squared is not True:
                 raise ValueError("squared=False applies to the triplet loss only")
+            _number("power", self.power, minimum=0.0, strict=True)
         else:
             if self.mining is not None:
                 _choice("mining", self.mining, MINING_MODES)
@@ -147,6 +161,8 @@ class TrainConfig:
                 raise ValueError(
                     f"pos_margin={self.pos_margin} applies to the contrastive loss only"
                 )
+            if self.power != 2.0:
+                raise ValueError(f"power={self.power} applies to the contrastive loss only")
         if self.classes_per_batch is not None:
             _int("classes_per_batch", self.classes_per_batch, minimum=1)
             if self.batch_size % self.classes_per_batch:
@@ -172,6 +188,13 @@ class TrainConfig:
     def loss_margin(self) -> float:
         """The margin actually used: ``margin``, or the loss's default."""
         return DEFAULT_MARGIN[self.loss] if self.margin is None else float(self.margin)
+
+    @property
+    def warmup(self) -> float:
+        """The warm-up length actually used, in epochs (see ``warmup_epochs``)."""
+        if self.warmup_epochs is not None:
+            return float(self.warmup_epochs)
+        return min(DEFAULT_WARMUP_EPOCHS, self.epochs / 10)
 
     @property
     def peak_lr(self) -> float:

@@ -207,15 +207,17 @@ def make_loss_fn(config: TrainConfig) -> Callable:
     """``loss_fn(embeddings, labels, *, axis_name) -> (loss, info)`` for ``config``."""
     if config.loss == "contrastive":
         return functools.partial(losses.contrastive_loss, margin=config.loss_margin,
-                                 pos_margin=config.pos_margin)
+                                 pos_margin=config.pos_margin, power=config.power,
+                                 reduction=config.reduction)
     return functools.partial(losses.triplet_loss, margin=config.loss_margin,
-                             mining=config.mining or "all", squared=config.squared)
+                             mining=config.mining or "all", squared=config.squared,
+                             reduction=config.reduction)
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     """Linear warm-up from 0 to ``config.peak_lr``, then cosine decay to 0."""
     total = config.epochs * steps_per_epoch
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = int(round(config.warmup * steps_per_epoch))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.peak_lr, warmup_steps=warmup,
         decay_steps=max(total, warmup + 1), end_value=0.0)
