@@ -81,16 +81,17 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmetric import distributed, losses, sampling
+from jaxmetric import distributed, losses, monitor, sampling
 from jaxmetric.augment import augment, normalize
 from jaxmetric.config import TrainConfig
-from jaxmetric.models import create_model
+from jaxmetric.models import count_params, create_model
 from jaxmetric.parallel import varying_axes
 
 __all__ = [
     "AXIS",
     "TrainState",
     "create_train_state",
+    "epoch_line",
     "fit",
     "make_embed_fn",
     "initial_state",
@@ -108,7 +109,12 @@ log = logging.getLogger(__name__)
 AXIS = "batch"
 """Name of the data-parallel mesh axis (and of the synchronised-BatchNorm axis)."""
 
-METRICS = ("loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "lr")
+METRICS = ("loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "grad_norm",
+           "param_norm", "lr")
+# A run stops when one of these turns NaN/inf (a NaN hidden by the loss's masking would
+# still show in the gradient, and an overflow in the update in the parameters).
+FINITE_METRICS = {"loss": "the training loss", "grad_norm": "the gradient norm",
+                  "param_norm": "the parameter norm"}
 # Config fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = frozenset({"out", "data_dir", "eval_every", "log_every", "keep_checkpoints",
                                "checkpoint_every"})
@@ -320,10 +326,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         "active_fraction": info["active_fraction"],
         "mean_pos_distance": info["mean_pos_distance"],
         "mean_neg_distance": info["mean_neg_distance"],
+        "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(state.schedule(state.step) if state.schedule else jnp.nan),
     }
-    metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics["param_norm"] = optax.tree.norm(state.params)
+    metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
     return state, metrics
 
 
@@ -557,6 +565,29 @@ def _epoch_indices(config: TrainConfig, labels: np.ndarray, epoch: int) -> np.nd
                                            config.classes_per_batch)
 
 
+def epoch_line(record: Mapping[str, Any], epochs: int) -> str:
+    """The one line :func:`fit` logs per epoch, from its ``metrics.jsonl`` record."""
+    line = (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, active "
+            f"{record['active_fraction']:.3f}, {record['images_per_second']:,.0f} img/s, "
+            f"{record['epoch_seconds']:.1f} s")
+    if "precision_at_1" in record:
+        line += f" | precision@1 {record['precision_at_1']:.4f} (test vs train)"
+    return line
+
+
+def _check_finite(chunk: Mapping[str, float], epoch: int, step: int,
+                  ckpt_dir: pathlib.Path, last: int | None) -> None:
+    """Raise ``FloatingPointError`` if a watched metric of a chunk of steps is NaN/inf."""
+    bad = [f"{what} became {chunk[k]}" for k, what in FINITE_METRICS.items()
+           if not np.isfinite(chunk[k])]
+    if bad:
+        raise FloatingPointError(
+            f"{' and '.join(bad)} in epoch {epoch + 1} (by step {step}); nothing of this "
+            "epoch was saved"
+            + (f" — the last checkpoint is epoch {last} in {ckpt_dir}" if last else "")
+            + ". Lower --lr or check the data.")
+
+
 def _mean_metrics(chunks: list[dict[str, jax.Array]]) -> dict[str, float]:
     """Fetch stacked step metrics (one host sync) and average; lr is the last value."""
     host = distributed.to_host(chunks)
@@ -567,7 +598,8 @@ def _mean_metrics(chunks: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
         eval_hook: Callable[[TrainState, int], Mapping[str, Any]] | None = None,
-        mesh: Mesh | None = None, progress: bool = True) -> TrainState:
+        mesh: Mesh | None = None, progress: bool = True,
+        slow_cpu_hint: str | None = None) -> TrainState:
     """Train ``config.model`` on ``dataset.train``; return the final state.
 
     Args:
@@ -586,6 +618,20 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
       mesh: 1-D ``("batch",)`` mesh to train on (default :func:`make_mesh`: every
         device of every process).
       progress: show a tqdm bar per epoch (on process 0).
+      slow_cpu_hint: a shorter command to suggest when the run has no accelerator and
+        its estimated training time is long (see :mod:`jaxmetric.monitor`).
+
+    **What it says** (logger ``jaxmetric.train``, on process 0): one setup line at INFO
+    (devices, data sizes, parameter count, steps), the estimated training time after
+    the first timed steps (a WARNING with ``slow_cpu_hint`` when no accelerator is
+    present and the run is long), one line per epoch (loss, active fraction, images/s,
+    and precision@1 when the hook measured it), and a WARNING if the embeddings look
+    collapsed (:class:`jaxmetric.monitor.CollapseDetector`).
+
+    **Divergence.** When the loss, the gradient norm or the parameter norm of any step
+    turns NaN/inf (checked every ``log_every`` steps), ``fit`` raises
+    ``FloatingPointError`` naming the quantity and the last good checkpoint; nothing of
+    that epoch is saved.
 
     **Several processes** (after :func:`jaxmetric.distributed.initialize`): every
     process calls ``fit`` with the same config and the same ``dataset`` and a mesh over
@@ -622,6 +668,18 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     dtype = jnp.dtype(config.dtype)
     state, train_key = initial_state(config, steps, mesh)
     replicated = NamedSharding(mesh, P())
+    if primary:
+        kinds = sorted({d.platform for d in mesh.devices.flat})
+        test = getattr(dataset, "test", None)
+        log.info("training %s (%s parameters, %s) on %d %s device%s: %s training%s images, "
+                 "batch %d, %d steps/epoch x %d epochs", config.model,
+                 f"{count_params(state.params):,}", config.dtype, mesh.size, "/".join(kinds),
+                 "s" if mesh.size > 1 else "", f"{len(train):,}",
+                 f" / {len(test):,} test" if test is not None else "", config.batch_size,
+                 steps, config.epochs)
+    accelerator = any(d.platform != "cpu" for d in mesh.devices.flat)
+    collapse = monitor.CollapseDetector(patience=max(steps, 20))
+    timed = min(steps - 1, 10)  # steps timed after the compiling first one
 
     manager = _checkpoint_manager(out_dir / "checkpoints", config.keep_checkpoints)
     start_epoch = 0
@@ -658,20 +716,32 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
                        unit="img", unit_scale=True, disable=not progress, leave=False)
             start = time.perf_counter()
             pending, done = [], []
+            first = epoch == start_epoch
             for i in range(steps):
                 state, metrics = step_fn(state, images, labels, _put(indices[i], sharded), key)
                 pending.append(metrics)
                 bar.update(config.batch_size)
+                if first and timed > 0 and i in (0, timed):
+                    jax.block_until_ready(metrics)  # once per run: time steps 2..timed+1
+                    if i == 0:
+                        t0 = time.perf_counter()
+                    elif primary:
+                        per_step = (time.perf_counter() - t0) / timed
+                        left = (config.epochs - epoch) * steps - i - 1
+                        log.info(monitor.estimate_line(per_step, left, config.batch_size))
+                        warning = monitor.slow_cpu_warning(per_step * left,
+                                                           accelerator=accelerator,
+                                                           hint=slow_cpu_hint)
+                        if warning:
+                            log.warning(warning)
                 if len(pending) == config.log_every or i == steps - 1:
                     done.append(_mean_metrics(pending) | {"n": len(pending)})
                     pending = []
-                    if not np.isfinite(done[-1]["loss"]):
-                        raise FloatingPointError(
-                            f"the training loss became {done[-1]['loss']} in epoch {epoch + 1} "
-                            f"(by step {int(state.step)}); nothing of this epoch was saved"
-                            + (f" — the last checkpoint is epoch {epoch} in "
-                               f"{out_dir / 'checkpoints'}" if epoch else "")
-                            + ". Lower --lr or check the data.")
+                    _check_finite(done[-1], epoch, int(state.step), out_dir / "checkpoints",
+                                  manager.latest_step())
+                    warning = collapse.update(done[-1], done[-1]["n"])
+                    if warning and primary:
+                        log.warning("epoch %d: %s", epoch + 1, warning)
                     bar.set_postfix(loss=f"{done[-1]['loss']:.4f}",
                                     active=f"{done[-1]['active_fraction']:.3f}")
             seconds = time.perf_counter() - start
@@ -701,9 +771,8 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
             if primary:
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if progress:
-                tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f} active "
-                           f"{record['active_fraction']:.3f} {record['images_per_second']:.0f} img/s")
+            if primary:
+                log.info(epoch_line(record, config.epochs))
     finally:
         manager.wait_until_finished()
         manager.close()

@@ -311,3 +311,83 @@ def test_checkpoint_every_saves_the_chosen_epochs_and_the_last(tmp_path):
                    if p.name.isdigit())
     assert saved == [2, 3]
     assert [r["epoch"] for r in read_records(tmp_path / "run")] == [1, 2, 3]
+
+
+def _poisoned_loss_fn(monkeypatch, poison):
+    """Replace the configured loss by ``poison(loss, info, embeddings, axis_name)``."""
+    make_loss_fn = train.make_loss_fn
+
+    def patched(config):
+        loss_fn = make_loss_fn(config)
+
+        def poisoned(embeddings, labels, **kw):
+            loss, info = loss_fn(embeddings, labels, **kw)
+            return poison(loss, info, embeddings, kw["axis_name"])
+
+        return poisoned
+
+    monkeypatch.setattr(train, "make_loss_fn", patched)
+
+
+def test_nan_gradient_behind_a_finite_loss_stops_the_run(tmp_path, monkeypatch):
+    """The loss value stays finite but its gradient is NaN (a masked NaN): caught by the
+    gradient check, with the last good checkpoint named."""
+
+    def poison(loss, info, embeddings, axis_name):
+        # where() with a NaN branch: finite value, NaN gradient (0 * inf in the chain rule).
+        hidden = jnp.sqrt(-jax.lax.psum(jnp.sum(embeddings ** 2), axis_name))
+        return jnp.where(jnp.ones((), bool), loss, hidden), info
+
+    _poisoned_loss_fn(monkeypatch, poison)
+    config = tiny_config(tmp_path, epochs=2, log_every=1)
+    with pytest.raises(FloatingPointError, match="the gradient norm became nan") as e:
+        train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(1), progress=False)
+    assert "loss became" not in str(e.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_divergence_in_a_later_epoch_names_the_last_checkpoint(tmp_path, monkeypatch):
+    """From the first step of epoch 2 on, the optimizer's updates are inf: the parameters
+    go non-finite, the run stops and names epoch 1's checkpoint, which stays."""
+    import optax
+
+    steps_per_epoch = 64 // 16
+    make_optimizer = train.make_optimizer
+
+    def blow_up_after_epoch_1(count, updates):
+        factor = jnp.where(count >= steps_per_epoch, jnp.inf, 1.0)
+        return jax.tree.map(lambda u: factor * u, updates)
+
+    def bad_optimizer(config, schedule):
+        blow = optax.GradientTransformation(
+            lambda params: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)),
+            lambda u, s, p=None: (blow_up_after_epoch_1(s.count, u),
+                                  optax.ScaleByScheduleState(count=s.count + 1)))
+        return optax.chain(make_optimizer(config, schedule), blow)
+
+    monkeypatch.setattr(train, "make_optimizer", bad_optimizer)
+    config = tiny_config(tmp_path, epochs=3, log_every=1)
+    with pytest.raises(FloatingPointError,
+                       match=r"parameter norm became (inf|nan) in epoch 2.*last checkpoint is "
+                             r"epoch 1"):
+        train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(1), progress=False)
+    assert [r["epoch"] for r in read_records(tmp_path / "run")] == [1]
+    assert train.restore_state(tmp_path / "run", mesh=mesh_of(1))[2] == 1
+
+
+def test_fit_says_what_it_does_and_warns_of_collapse(tmp_path, monkeypatch, caplog):
+    def collapse(loss, info, embeddings, axis_name):
+        return loss, info | {"mean_pos_distance": 0.0 * loss, "mean_neg_distance": 0.0 * loss}
+
+    _poisoned_loss_fn(monkeypatch, collapse)
+    monkeypatch.setattr(train.monitor, "SLOW_RUN_SECONDS", 0.0)
+    config = tiny_config(tmp_path, epochs=2, log_every=2)
+    with caplog.at_level("INFO", logger="jaxmetric.train"):
+        train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(1), progress=False,
+                  slow_cpu_hint="python -m experiments.cifar10 --small")
+    text = caplog.text
+    assert "training homebrew" in text and "64 training / 16 test images" in text
+    assert "estimated training time" in text
+    assert "no GPU or TPU found" in text and "--small" in text
+    assert text.count("look collapsed") == 1
+    assert "epoch 1/2: loss" in text and "epoch 2/2: loss" in text
