@@ -3,7 +3,9 @@
 ``load_cifar10(data_dir)`` picks the source from what ``data_dir`` points at:
 
 * ``None``: tensorflow-datasets' ``cifar10`` (imported lazily; fails fast with one
-  :class:`DataError` when it is not installed or cannot download).
+  :class:`DataError` when it is not installed or cannot download). tfds prepares and
+  reads it through TensorFlow, which is kept off every GPU so that it never takes device
+  memory from JAX.
 * a ``cifar-10-batches-py`` folder (the official Python release: ``data_batch_1`` ..
   ``data_batch_5``, ``test_batch``, ``batches.meta``), or a folder that contains one.
   The pickles are read with a restricted unpickler that admits only the globals a
@@ -722,8 +724,11 @@ def _load_tfds() -> Dataset:
         raise DataError(f"tensorflow-datasets is not installed ({e}); {DATA_DIR_HINT}") from None
     try:
         builder = tfds.builder("cifar10")
-        if not os.path.exists(os.path.join(os.fspath(builder.data_dir), "dataset_info.json")):
+        prepared = os.path.exists(os.path.join(os.fspath(builder.data_dir), "dataset_info.json"))
+        if not prepared:
             _check_online()
+        _tensorflow_on_cpu_only()  # before tfds runs any TensorFlow op
+        if not prepared:
             builder.download_and_prepare()
         splits = {}
         for split in SPLITS:
@@ -739,6 +744,34 @@ def _load_tfds() -> Dataset:
             f"tensorflow-datasets could not load cifar10 ({type(e).__name__}: {e}); {DATA_DIR_HINT}"
         ) from e
     return Dataset(splits["train"], splits["test"], class_names)
+
+
+def _tensorflow_on_cpu_only() -> None:
+    """Hides every GPU from TensorFlow, which tfds uses to prepare and read cifar10.
+
+    TensorFlow is only a host-side reader here; on a GPU build it would otherwise
+    reserve most of each GPU's memory at its first op, memory JAX then cannot have. This
+    must run before TensorFlow's runtime starts; on the CPU-only build it changes nothing.
+    """
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise DataError(
+            f"tensorflow-datasets needs TensorFlow to prepare and read cifar10, and it is not "
+            f"installed ({e}); install the data extra (pip install -e '.[data]'), or "
+            f"{DATA_DIR_HINT}"
+        ) from None
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as e:  # the runtime already started: TensorFlow was used before
+        if tf.config.get_visible_devices("GPU"):
+            warnings.warn(
+                f"TensorFlow was initialised before jaxmetric could hide the GPUs from it ({e}); "
+                "it may hold GPU memory that JAX needs. Call "
+                "tf.config.set_visible_devices([], 'GPU') before using TensorFlow.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def _check_online() -> None:

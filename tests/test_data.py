@@ -444,6 +444,117 @@ def test_tfds_offline_fails_fast(monkeypatch, tmp_path):
     assert time.perf_counter() - start < 1 and calls == []
 
 
+def write_batches_bin(folder, n_per_batch=3):
+    """A tiny cifar-10-batches-bin folder in CIFAR-10's binary format: per record one
+    label byte, then 3,072 pixel bytes as three 32x32 planes (R, G, B). Pixel (0, 0) of
+    each image holds (split, index within the split, 0), unique, so that images can be
+    matched whatever order tfds stores them in. Returns {split: (HWC images, labels)}."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    out = {"train": ([], []), "test": ([], [])}
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        split = "test" if name == "test_batch.bin" else "train"
+        images, labels = out[split]
+        hwc = rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
+        hwc[:, 0, 0] = [(SPLIT_IDS[split], len(images) + i, 0) for i in range(n_per_batch)]
+        lab = rng.integers(0, 10, n_per_batch).astype(np.uint8)
+        chw = hwc.transpose(0, 3, 1, 2).reshape(n_per_batch, 3072)  # R plane, G plane, B plane
+        (folder / name).write_bytes(np.concatenate([lab[:, None], chw], axis=1).tobytes())
+        images.extend(hwc)
+        labels.extend(lab)
+    (folder / "batches.meta.txt").write_text("\n".join(CIFAR10_CLASSES) + "\n\n")
+    return {s: (np.stack(i), np.array(lab, np.int32)) for s, (i, lab) in out.items()}
+
+
+SPLIT_IDS = {"train": 1, "test": 2}
+
+
+def by_id_pixel(split):
+    """The split's images and labels sorted by the index in pixel (0, 0), green."""
+    order = np.argsort(split.images[:, 0, 0, 1], kind="stable")
+    return split.images[order], split.labels[order]
+
+
+def test_tfds_prepares_and_reads_cifar10_offline(monkeypatch, tmp_path):
+    """The real tfds cifar10 builder, fed a tiny cifar-10-batches-bin instead of the
+    download, through load_cifar10(): prepared once, then read from disk."""
+    tfds = pytest.importorskip(
+        "tensorflow_datasets",
+        reason="tensorflow-datasets is not installed (pip install -e '.[data]')",
+    )
+    from tensorflow_datasets.core import constants
+    from tensorflow_datasets.core.utils import file_utils, gcs_utils
+
+    downloads = tmp_path / "downloads"
+    expected = write_batches_bin(downloads / "cifar-10-batches-bin")
+    # Everything tfds writes goes under tmp_path, never ~/tensorflow_datasets.
+    tfds_dir = tmp_path / "tensorflow_datasets"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
+    monkeypatch.setattr(constants, "DATA_DIR", str(tfds_dir))
+    monkeypatch.setattr(file_utils, "_REGISTERED_DATA_DIRS", set())
+    # No network: no probe, no GCS metadata look-up, no download.
+    online_checks, urls = [], []
+    monkeypatch.setattr(data, "_check_online", lambda: online_checks.append(1))
+    monkeypatch.setattr(gcs_utils, "_is_gcs_disabled", True)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the test tried to open a network connection")
+
+    monkeypatch.setattr(data.socket.socket, "connect", no_network)
+
+    def download_and_extract(self, url_or_urls):
+        urls.append(url_or_urls)
+        return downloads
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+
+    ds = load_cifar10()
+    assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+    assert online_checks == [1]
+    assert (tfds_dir / "cifar10" / "3.0.2" / "dataset_info.json").is_file()
+    assert not (tmp_path / "home" / "tensorflow_datasets").exists()
+    assert ds.class_names == CIFAR10_CLASSES
+    for split in ("train", "test"):
+        got = getattr(ds, split)
+        assert got.images.shape == expected[split][0].shape  # (N, 32, 32, 3)
+        assert got.images.dtype == np.uint8 and got.labels.dtype == np.int32
+        assert (got.images[:, 0, 0, 0] == SPLIT_IDS[split]).all()
+        assert_split(Split(*by_id_pixel(got)), *expected[split])
+
+    # Prepared now: read from disk, with neither a probe nor a download.
+    again = load_cifar10(max_train=10)
+    assert urls == [urls[0]] and online_checks == [1]
+    assert len(again.train) == 10 and len(again.test) == len(ds.test)
+
+    tf = sys.modules["tensorflow"]  # tfds read through TensorFlow, with no GPU visible to it
+    assert tf.config.get_visible_devices("GPU") == []
+
+
+def test_tensorflow_is_kept_off_gpus(monkeypatch):
+    calls = []
+
+    class Config:
+        @staticmethod
+        def set_visible_devices(devices, device_type):
+            calls.append((list(devices), device_type))
+
+        @staticmethod
+        def get_visible_devices(device_type):
+            return []
+
+    fake_tf = types.ModuleType("tensorflow")
+    fake_tf.config = Config
+    monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
+    data._tensorflow_on_cpu_only()
+    assert calls == [([], "GPU")]
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # TensorFlow not installed
+    with pytest.raises(DataError, match=r"needs TensorFlow.*\.\[data\].*--data-dir PATH"):
+        data._tensorflow_on_cpu_only()
+
+
 # ----------------------------------------------------------------------------- cache
 
 
