@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N epochs (and at the end)")
     p.add_argument("--tsne-points", type=int, default=5000)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show other libraries' INFO logs (orbax, faiss, ...)")
     dist = p.add_argument_group("several processes (see README, 'More than one machine')")
     dist.add_argument("--coordinator", help="HOST:PORT of process 0 (env JAXMETRIC_COORDINATOR)")
     dist.add_argument("--num-processes", type=int, help="env JAXMETRIC_NUM_PROCESSES")
@@ -100,13 +102,48 @@ def config_from_args(args, parser) -> TrainConfig:
         parser.error(str(e))
 
 
+CPU_COMMAND = ("python -m experiments.cifar10 --loss triplet --model homebrew --batch-size 256 "
+               "--epochs 10 --max-train 10000 --max-test 2000 --data-dir DATA")
+"""The README's small CPU run (about 2-3 minutes of training on two cores)."""
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines that do not tear the progress bars apart."""
+
+    def emit(self, record):
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging must never raise)
+            self.handleError(record)
+
+
+def setup_logging(verbose: bool) -> None:
+    """jaxmetric's own lines at INFO; other libraries' INFO only with ``--verbose``."""
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in ("jaxmetric", "experiments", __name__):
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not verbose:
+        try:  # orbax logs through absl, which has a verbosity of its own
+            from absl import logging as absl_logging
+
+            absl_logging.set_verbosity(absl_logging.WARNING)
+        except ImportError:
+            pass
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and not args.out:
         parser.error("--resume needs --out: the run folder to continue")
     config = config_from_args(args, parser)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(args.verbose)
 
     from jaxmetric import distributed
 
@@ -135,10 +172,12 @@ def main(argv=None) -> int:
         config.check_devices(mesh.size)
     except ValueError as e:
         parser.error(str(e))
-    hook = report.precision_at_1_hook(dataset, mesh=mesh, progress=progress)
+    hook = report.precision_at_1_hook(dataset, mesh=mesh)
     try:
+        hint = CPU_COMMAND.replace("DATA", config.data_dir or "CIFAR10_DIR").replace(
+            "triplet", config.loss)
         state = train.fit(config, dataset, config.out, resume=args.resume, eval_hook=hook,
-                          mesh=mesh, progress=progress)
+                          mesh=mesh, progress=progress, slow_cpu_hint=hint)
     except (FileExistsError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

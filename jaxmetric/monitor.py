@@ -53,7 +53,7 @@ def format_duration(seconds: float) -> str:
 def estimate_line(seconds_per_step: float, steps_left: int, images_per_step: int) -> str:
     """One line: the estimated training time left and the speed it is based on."""
     total = seconds_per_step * steps_left
-    return (f"estimated training time: {format_duration(total)} for {steps_left:,} steps "
+    return (f"estimated training time left: {format_duration(total)} for {steps_left:,} steps "
             f"({seconds_per_step:.3f} s/step, {images_per_step / seconds_per_step:,.0f} img/s; "
             "evaluation not included)")
 

@@ -1,6 +1,7 @@
 """End-to-end: the CIFAR-10 CLI on a few hundred real images, and its error paths."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -8,6 +9,8 @@ import pytest
 
 from experiments import cifar10
 from jaxmetric import report
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 FILES = ("config.json", "metrics.jsonl", "metrics.json", "report.md",
          "tsne.png", "curves.png", "neighbours.png")
@@ -81,3 +84,68 @@ def test_module_entry_points_show_help():
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "usage" in done.stdout
+
+
+# ------------------------------------------------------------- documented commands
+
+def _documented_commands():
+    """Every ``python -m experiments.cifar10 ...`` command in README.md and ``--help``,
+    as argument lists (line continuations joined, environment prefixes dropped)."""
+    import re
+    import shlex
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    blocks, inside = [], False
+    for line in readme.splitlines():
+        if line.startswith("```"):
+            inside = not inside
+            blocks.append("")
+        elif inside:
+            blocks[-1] += line + "\n"
+    texts = [*blocks, cifar10.__doc__]
+    commands = []
+    for text in texts:
+        text = re.sub(r"\\+\n", " ", text)  # shell line continuations
+        for line in text.splitlines():
+            if "python -m experiments.cifar10" not in line:
+                continue
+            line = line.split(" #")[0]
+            words = shlex.split(line.split("python -m experiments.cifar10", 1)[1])
+            commands.append([w for w in words if not re.fullmatch(r"\w+=.*", w)])
+    return commands
+
+
+def test_every_documented_command_builds_a_valid_config():
+    commands = _documented_commands()
+    assert len(commands) >= 6
+    for argv in commands:
+        parser = cifar10.build_parser()
+        args = parser.parse_args(argv)
+        config = cifar10.config_from_args(args, parser)  # exits 2 on a bad combination
+        assert config.warmup < config.epochs, argv
+
+
+def _small_budget(argv, tarball, out):
+    """The command as written, shrunk to a few steps on a few hundred real images."""
+    args = cifar10.build_parser().parse_args(argv)
+    epochs = args.epochs if args.epochs <= 3 else 1
+    return [*argv, "--model", "homebrew", "--embed-dim", "16", "--epochs", str(epochs),
+            "--max-train", "128", "--max-test", "64", "--batch-size", "64",
+            "--tsne-points", "0", "--no-progress", "--data-dir", str(tarball), "--out", str(out)]
+
+
+def test_help_examples_run_at_a_small_budget(cifar_tarball, tmp_path, isolated_cache):
+    examples = [argv for argv in _documented_commands()
+                if "--coordinator" not in argv and "--resume" not in argv]
+    # One run per loss (its shortest documented command, where short runs used to fail)
+    # keeps this quick; every command's configuration is checked by the test above.
+    chosen = {}
+    for argv in examples:
+        args = cifar10.build_parser().parse_args(argv)
+        if args.loss not in chosen or args.epochs < chosen[args.loss][0]:
+            chosen[args.loss] = (args.epochs, argv)
+    assert sorted(chosen) == ["contrastive", "triplet"]
+    for i, (_, argv) in enumerate(chosen.values()):
+        out = tmp_path / f"run{i}"
+        assert cifar10.main(_small_budget(argv, cifar_tarball, out)) == 0, argv
+        assert (out / "metrics.json").is_file(), argv
