@@ -1,4 +1,4 @@
-"""Pairwise contrastive and triplet losses over all pairs / mined triplets of a batch.
+r"""Pairwise contrastive and triplet losses over all pairs / mined triplets of a batch.
 
 Both losses take a batch of embeddings ``(B, D)`` and integer labels ``(B,)`` and
 return ``(loss, info)``: a float32 scalar and a dict of float32 scalars to watch while
@@ -15,6 +15,43 @@ transposes to a reduce-scatter). The gradient of replicated parameters on one de
 is therefore that device's *contribution*; sum it over the axis.
 
 **Padding.** ``valid`` (bool (B,)) marks real rows; padded rows take part in no pair.
+They are replaced by zeros before any arithmetic, so whatever they hold (stale data,
+NaN, inf) changes neither the loss, nor the info, nor any gradient (a masked-out
+``0 * NaN`` would otherwise still be NaN, e.g. in the Gram matmul's gradient).
+
+**Non-finite inputs: NaN in, NaN out.** If any *valid* row of the (global) batch holds
+a NaN or ±inf (after the cast to float32), the loss is NaN, on every device, under
+``jit``, ``vmap`` and ``axis_name`` alike; padded rows never count (above). Without
+this rule the masks swallow such a row while the gradient is NaN, and a run that stops
+on a non-finite *loss* goes on with NaN parameters. A NaN row gives NaN squared
+distances; an inf row gives a mix of +inf and NaN (``inf - inf`` in the Gram
+construction). Then:
+
+- :func:`~jaxmetric.distances.safe_sqrt` keeps ``d > 0`` only, so a NaN squared
+  distance becomes a Euclidean distance of 0: the contrastive loss (any reduction and
+  power) and every triplet mode with ``squared=False`` come out finite;
+- +inf distances vanish in ``relu(m - d) = 0`` (contrastive negatives) and are never
+  the ``min`` picked as closest negative (``"hardest_negative"``, ``"batch_hard"``,
+  ``"semihard_facenet"``, whose sort keys also map NaN to 0);
+- what did show NaN (every squared triplet mode, the windowed modes with inf rows) did
+  so by accident: ``min`` propagating NaN, or ``w * d`` summed over whole rows where
+  ``0 * NaN = NaN`` — which also let a NaN in a *padded* row poison those losses.
+
+So the rule is applied once, at the end, by one helper, rather than by chasing every
+mask:
+
+.. math::  L' = L + \pi, \qquad
+           \pi = \begin{cases} \mathrm{NaN} & \exists\, i \text{ valid}, k:\;
+           x_{ik} \notin \mathbb{R} \\ 0 & \text{otherwise} \end{cases}
+
+with :math:`\pi` one reduction over the local embeddings, ``psum``-ed over
+``axis_name`` and without gradient: finite inputs keep their values and (finite)
+gradients. The same :math:`\pi` is added to every info entry computed from distances
+(mean distances, selected / active counts and the active fraction), which are
+undefined for such a batch; the counts fixed by the labels and ``valid`` alone
+(``num_pos_pairs``, ``num_neg_pairs``, ``num_valid_triplets``) stay exact. The
+gradient of such a batch is undefined too and is left as it comes out (in practice
+NaN).
 
 References:
   R. Hadsell, S. Chopra, Y. LeCun, "Dimensionality Reduction by Learning an Invariant
@@ -59,6 +96,7 @@ class _Batch(NamedTuple):
     batch: jax.Array          # float32 (B, D)
     labels: jax.Array         # (B,)
     valid: jax.Array          # bool (B,)
+    nan_if_nonfinite: jax.Array  # float32 () NaN if a valid row anywhere is non-finite, else 0
 
 
 # ----------------------------------------------------------------------------- checks
@@ -125,16 +163,19 @@ def _check_inputs(embeddings, labels, valid):
 
 def _gather_batch(embeddings, labels, valid, axis_name) -> _Batch:
     embeddings, labels, valid = _check_inputs(embeddings, labels, valid)
+    embeddings = jnp.where(valid[:, None], embeddings, 0.0)  # padding may hold garbage
+    nan = _nan_if_nonfinite(embeddings, axis_name)
     local = labels.shape[0]
     if axis_name is None:
         index = jnp.arange(local, dtype=jnp.int32)
-        batch = _Batch(embeddings, labels, valid, index, embeddings, labels, valid)
+        batch = _Batch(embeddings, labels, valid, index, embeddings, labels, valid, nan)
     else:
         gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)  # noqa: E731
         offset = jax.lax.axis_index(axis_name).astype(jnp.int32) * local
         index = offset + jnp.arange(local, dtype=jnp.int32)
         batch = _Batch(
-            embeddings, labels, valid, index, gather(embeddings), gather(labels), gather(valid)
+            embeddings, labels, valid, index, gather(embeddings), gather(labels), gather(valid),
+            nan,
         )
     if batch.labels.shape[0] < 2:
         raise ValueError(
@@ -187,6 +228,23 @@ def _safe_mean(total, count):
     return total / jnp.maximum(count, 1.0)
 
 
+def _nan_if_nonfinite(embeddings, axis_name):
+    """NaN if any row of ``embeddings`` on any device of ``axis_name`` is non-finite, else 0.
+
+    The one place of the non-finite rule (module docstring); padded rows are already
+    zero here. A float32 scalar without gradient, equal on every device.
+    """
+    bad_rows = ~jnp.all(jnp.isfinite(embeddings), axis=1)
+    num_bad = jax.lax.stop_gradient(_total(bad_rows, axis_name))
+    return jnp.where(num_bad > 0, jnp.float32(jnp.nan), jnp.float32(0.0))
+
+
+def _propagate_nonfinite(b: _Batch, loss, info, exact_keys):
+    """Adds ``b.nan_if_nonfinite`` to the loss and to every info entry not in ``exact_keys``."""
+    nan = b.nan_if_nonfinite
+    return loss + nan, {k: v if k in exact_keys else v + nan for k, v in info.items()}
+
+
 # ------------------------------------------------------------------------ contrastive
 
 
@@ -225,14 +283,16 @@ def contrastive_loss(
       reduction: ``"mean"`` over all valid pairs; ``"mean_nonzero"`` averages the
         non-zero positive terms and the non-zero negative terms separately and adds
         the two means (PML's ``AvgNonZeroReducer``); ``"sum"``.
-      valid: optional bool (B,) mask of real (non-padding) rows.
+      valid: optional bool (B,) mask of real (non-padding) rows; padded rows may hold
+        anything, NaN and inf included.
       axis_name: mapped axis to mine across (see module docstring).
 
     Returns:
       ``(loss, info)``: float32 scalar; info holds ``num_pos_pairs``,
       ``num_neg_pairs``, ``num_active_pos_pairs``, ``num_active_neg_pairs``,
       ``active_fraction`` (non-zero pairs / valid pairs), ``mean_pos_distance``,
-      ``mean_neg_distance``.
+      ``mean_neg_distance``. A NaN or inf in a valid row makes the loss and all but
+      the two pair counts NaN (module docstring).
     """
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_number("margin", margin, minimum=0.0)
@@ -265,7 +325,7 @@ def contrastive_loss(
         "mean_pos_distance": _safe_mean(total(jnp.where(pos, d, 0.0)), num_pos),
         "mean_neg_distance": _safe_mean(total(jnp.where(neg, d, 0.0)), num_neg),
     }
-    return loss, info
+    return _propagate_nonfinite(b, loss, info, ("num_pos_pairs", "num_neg_pairs"))
 
 
 # ---------------------------------------------------------------------------- triplet
@@ -385,7 +445,8 @@ def triplet_loss(
       squared: squared Euclidean (True) or Euclidean (False) distance.
       reduction: ``"mean"`` over the selected triplets (0 when none),
         ``"mean_nonzero"`` over the selected triplets with a non-zero loss, ``"sum"``.
-      valid: optional bool (B,) mask of real (non-padding) rows.
+      valid: optional bool (B,) mask of real (non-padding) rows; padded rows may hold
+        anything, NaN and inf included.
       axis_name: mapped axis to mine across (see module docstring).
 
     Returns:
@@ -394,7 +455,9 @@ def triplet_loss(
       (active / selected), ``num_pos_pairs``, ``num_neg_pairs``,
       ``mean_pos_distance``, ``mean_neg_distance``. Counts are float32 (exact to 2²⁴,
       then rounded; an int32 count would overflow near B = 2,900 for "all" over
-      10 classes).
+      10 classes). A NaN or inf in a valid row makes the loss and every entry but
+      ``num_valid_triplets``, ``num_pos_pairs`` and ``num_neg_pairs`` NaN (module
+      docstring).
     """
     _check_choice("mining", mining, MINING_MODES)
     _check_choice("reduction", reduction, REDUCTIONS)
@@ -431,4 +494,5 @@ def triplet_loss(
         "mean_pos_distance": _safe_mean(total(jnp.where(pos, d, 0.0)), num_pos),
         "mean_neg_distance": _safe_mean(total(jnp.where(neg, d, 0.0)), num_neg),
     }
-    return loss, info
+    exact = ("num_valid_triplets", "num_pos_pairs", "num_neg_pairs")
+    return _propagate_nonfinite(b, loss, info, exact)

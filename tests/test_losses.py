@@ -324,3 +324,135 @@ def test_bad_input_messages():
         jax.jit(losses.triplet_loss)(x, y[:3])
     with pytest.raises(TypeError, match="concrete Python number"):
         jax.jit(lambda m: losses.triplet_loss(x, y, margin=m))(0.2)
+
+
+# ------------------------------------------------------------------ non-finite inputs
+
+# Every loss configuration; the reductions are looped over inside one jitted function.
+NONFINITE_CONFIGS = [(losses.contrastive_loss, dict(power=p)) for p in (1, 2)] + [
+    (losses.triplet_loss, dict(mining=m, squared=s))
+    for m in losses.MINING_MODES
+    for s in (True, False)
+]
+_EXACT_INFO = ("num_pos_pairs", "num_neg_pairs", "num_valid_triplets")
+
+
+def _nonfinite_batches(x, row):
+    """(x, garbage name) pairs: the clean batch, then NaN / ±inf in one entry or all of ``row``."""
+    out = [(x, "clean")]
+    for bad in (np.nan, np.inf, -np.inf):
+        for where, idx in (("entry", (row, 1)), ("row", row)):
+            y = x.copy()
+            y[idx] = bad
+            out.append((y, f"{bad} in {where}"))
+    return out
+
+
+def _config_id(config):
+    fn, kw = config
+    return fn.__name__.split("_")[0] + "-" + "-".join(str(v) for v in kw.values())
+
+
+@pytest.fixture(scope="module")
+def nonfinite_results():
+    """Every configuration and reduction on the clean and the garbage batches: one jit.
+
+    ``xs`` stacks the cases of :func:`_nonfinite_batches` twice; in the second half the
+    garbage row is padding. One vmapped jit for all configurations compiles in a few
+    seconds where one per configuration took three times as long.
+    """
+    x = _unit(np.random.default_rng(11), 8)
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    row = 2
+    cases = _nonfinite_batches(x, row)
+    xs = np.stack([c for c, _ in cases] * 2)
+    valid = np.ones((len(xs), 8), bool)
+    valid[len(cases):, row] = False
+
+    def everything(e, v):
+        results = []
+        for fn, kw in NONFINITE_CONFIGS:
+            out = {r: fn(e, labels, valid=v, reduction=r, **kw) for r in losses.REDUCTIONS}
+            results.append(({r: loss for r, (loss, _) in out.items()}, out["mean"][1]))
+        return results
+
+    results = jax.jit(jax.vmap(everything))(xs, valid)
+    keep = np.arange(8) != row
+    return results, [name for _, name in cases], x[keep], labels[keep]
+
+
+@pytest.mark.parametrize("index", range(len(NONFINITE_CONFIGS)),
+                         ids=[_config_id(c) for c in NONFINITE_CONFIGS])
+def test_nonfinite_valid_row_gives_nan_padded_row_is_ignored(nonfinite_results, index):
+    """NaN / ±inf in a valid row: NaN loss and distance info (jit + vmap, every reduction).
+
+    The same garbage in a padded row: the loss of the batch without that row.
+    """
+    fn, kw = NONFINITE_CONFIGS[index]
+    results, names, x_kept, labels_kept = nonfinite_results
+    loss, info = results[index]
+    n = len(names)
+    for r in losses.REDUCTIONS:
+        l = np.asarray(loss[r])
+        assert np.isfinite(l[0]), r
+        for i in range(1, n):
+            assert np.isnan(l[i]), (r, names[i], l[i])
+        # Padded garbage: exactly the loss with a clean padded row, i.e. without the row.
+        np.testing.assert_array_equal(l[n:], l[n], err_msg=r)
+        if fn is losses.contrastive_loss:
+            ref = oracles.contrastive(x_kept, labels_kept, reduction=r, **kw)
+        else:
+            ref = oracles.triplet(x_kept, labels_kept, reduction=r, **kw)[0]
+        np.testing.assert_allclose(l[n], ref, rtol=2e-4, atol=2e-5, err_msg=r)
+    for k, v in info.items():
+        v = np.asarray(v)
+        assert np.isfinite(v[0]) and np.isfinite(v[n:]).all(), k
+        bad = v[1:n]
+        assert (np.isfinite(bad) if k in _EXACT_INFO else np.isnan(bad)).all(), (k, bad)
+
+
+def test_nonfinite_under_shard_map():
+    """A NaN / ±inf on one device makes every device's loss NaN; padded garbage does not.
+
+    Gradients stay finite (and equal to those of a clean padded row) with padded garbage.
+    """
+    devices = jax.devices()[:8]
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    fns = [
+        functools.partial(losses.contrastive_loss, reduction="mean_nonzero"),
+        functools.partial(losses.triplet_loss, mining="semihard", squared=False),
+        functools.partial(losses.triplet_loss, mining="batch_hard", squared=False),
+    ]
+    rng = np.random.default_rng(12)
+    x = _unit(rng, 16)
+    labels = rng.integers(0, 3, 16).astype(np.int32)
+    row = 5  # on device 2
+
+    def local(e, y, v):
+        out = [jax.value_and_grad(lambda e: fn(e, y, valid=v, axis_name="batch")[0])(e)
+               for fn in fns]
+        return [loss[None] for loss, _ in out], [g for _, g in out]
+
+    mesh = Mesh(np.array(devices), ("batch",))
+    spec = P("batch")
+    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+    all_valid = np.ones(16, bool)
+    padded = all_valid.copy()
+    padded[row] = False
+    clean_loss, clean_grad = sharded(x, labels, padded)
+    keep = np.arange(16) != row
+    np.testing.assert_allclose(
+        np.asarray(clean_loss[0]),
+        oracles.contrastive(x[keep], labels[keep], reduction="mean_nonzero"), rtol=2e-4)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[row, 1] = bad
+        loss, _ = sharded(y, labels, all_valid)
+        for i in range(len(fns)):
+            assert np.isnan(np.asarray(loss[i])).all(), (i, bad, loss[i])  # on all 8 devices
+        loss, grad = sharded(y, labels, padded)
+        for i in range(len(fns)):
+            np.testing.assert_array_equal(loss[i], clean_loss[i], err_msg=f"{i} {bad}")
+            np.testing.assert_array_equal(grad[i], clean_grad[i], err_msg=f"{i} {bad}")
+            assert np.isfinite(np.asarray(grad[i])).all()
