@@ -172,6 +172,20 @@ class ResNet(nn.Module):
         return EmbeddingHead(self.embed_dim, dtype=self.dtype, name="head")(x)
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool with stride 2 (NHWC) as a reshape and a max.
+
+    The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))`` (an odd last row or
+    column is dropped, as there), but its gradient is
+    an elementwise select instead of XLA's ``select_and_scatter``, which is slow on
+    CPUs (the homebrew net's forward+backward is ~15-25 % faster this way). At exact
+    ties the gradient is shared between the tied inputs instead of going to the first.
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 class HomebrewNet(nn.Module):
     """Small, fast CNN: [3x3 conv -> BN -> ReLU -> 2x2 max-pool] per width, then the head.
 
@@ -195,7 +209,7 @@ class HomebrewNet(nn.Module):
             x = norm(name=f"bn{i}")(x)
             x = nn.relu(x)
             if i < len(self.widths) - 1:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         return EmbeddingHead(self.embed_dim, dtype=self.dtype, name="head")(x)
 
 

@@ -248,7 +248,9 @@ def create_train_state(rng: jax.Array, model, config: TrainConfig,
     """Initialise ``model`` on a 32x32x3 input and attach the optimizer."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    variables = model.init(rng, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+    # Jitted: un-jitted, flax runs every initialiser op by op (seconds for a ResNet).
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(rng, jnp.zeros((1, 32, 32, 3), jnp.float32))
     schedule = make_schedule(config, steps_per_epoch)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables["batch_stats"],

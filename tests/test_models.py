@@ -229,3 +229,16 @@ def test_load_pretrained_trunk_errors(tmp_path):
     with pytest.raises(ValueError, match="missing keys.*params/bn2/scale"):
         load_pretrained_trunk(target, tmp_path / "missing.npz")
     load_pretrained_trunk(target, tmp_path / "missing.npz", strict=False)  # partial load is fine
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 7, 9, 4)])
+def test_max_pool_2x2_equals_flax_max_pool(shape):
+    from jaxmetric.models import max_pool_2x2
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    expected = nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool_2x2(x), expected)
+    # Without ties the gradients agree too.
+    g = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) ** 2))(x)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6)
