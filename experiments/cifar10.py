@@ -31,7 +31,7 @@ import time
 
 from jaxmetric.config import DTYPES, LOSSES, OPTIMIZERS, TrainConfig
 from jaxmetric.losses import MINING_MODES, REDUCTIONS
-from jaxmetric.models import MODEL_NAMES
+from jaxmetric.models import INITS, MODEL_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean over all selected pairs/triplets, or over the non-zero ones")
     p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
     p.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    p.add_argument("--weight-init", choices=INITS, default=d.weight_init,
+                   help="weight init: he (He normal, fan-out) or torch (PyTorch's default)")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="compute dtype")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
@@ -89,7 +91,7 @@ def config_from_args(args, parser) -> TrainConfig:
     out = args.out or time.strftime(f"runs/cifar10-{args.loss}-%Y%m%d-%H%M%S")
     try:
         return TrainConfig(
-            model=args.model, embed_dim=args.embed_dim, dtype=args.dtype, loss=args.loss,
+            model=args.model, embed_dim=args.embed_dim, weight_init=args.weight_init, dtype=args.dtype, loss=args.loss,
             margin=args.margin, pos_margin=args.pos_margin, mining=args.mining,
             squared=not args.euclidean, power=args.power, reduction=args.reduction, epochs=args.epochs, batch_size=args.batch_size,
             classes_per_batch=args.classes_per_batch, augment=not args.no_augment,

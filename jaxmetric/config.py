@@ -29,7 +29,7 @@ import math
 from typing import Any
 
 from jaxmetric.losses import MINING_MODES, REDUCTIONS
-from jaxmetric.models import MODEL_NAMES, STEMS
+from jaxmetric.models import INITS, MODEL_NAMES, STEMS
 
 __all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "DTYPES"]
 
@@ -52,6 +52,8 @@ class TrainConfig:
       model: a :data:`jaxmetric.models.MODEL_NAMES` entry.
       embed_dim: embedding size.
       stem: ResNet stem, ``"cifar"`` or ``"imagenet"``.
+      weight_init: ``"he"`` (He normal, fan-out) or ``"torch"``
+        (PyTorch's default layer init); see :func:`jaxmetric.models.kernel_init`.
       dtype: compute dtype of the model and augmentation (params stay float32).
       loss: ``"contrastive"`` or ``"triplet"``.
       margin: loss margin; None = 1.0 (contrastive) or 0.2 (triplet).
@@ -87,6 +89,7 @@ class TrainConfig:
     model: str = "resnet18"
     embed_dim: int = 128
     stem: str = "cifar"
+    weight_init: str = "he"
     dtype: str = "float32"
     loss: str = "contrastive"
     margin: float | None = None
@@ -117,6 +120,7 @@ class TrainConfig:
     def __post_init__(self):
         _choice("model", self.model, MODEL_NAMES)
         _choice("stem", self.stem, STEMS)
+        _choice("weight_init", self.weight_init, INITS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("loss", self.loss, LOSSES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)

@@ -43,8 +43,34 @@ STEMS = ("cifar", "imagenet")
 NORM_EPS = 1e-6
 """Norms below this are clamped, so an all-zero embedding has finite gradients."""
 
+INITS = ("he", "torch")
+
 # He (kaiming) normal, fan_out, untruncated: torchvision's ResNet conv init.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default for nn.Conv2d / nn.Linear weights: kaiming_uniform(a=sqrt(5)), i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance 1 / (3 fan_in).
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_bias_init(fan_in: int):
+    """PyTorch's nn.Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound)
+
+
+def kernel_init(init: str):
+    """Conv kernel initialiser for ``init`` (see :data:`INITS`).
+
+    ``"he"``: He normal with fan-out (torchvision's ResNet init); ``"torch"``: PyTorch's
+    default layer init. Both are followed by BatchNorm or the L2 normalisation, which
+    undo the weights' scale in the forward pass; the scale still matters for training,
+    because the effective learning rate of a scale-invariant layer falls as its weights
+    grow (a kernel twice as large learns about four times more slowly).
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    return conv_kernel_init if init == "he" else torch_kernel_init
 
 
 def l2_normalize(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
@@ -59,11 +85,15 @@ class EmbeddingHead(nn.Module):
 
     embed_dim: int
     dtype: Any = jnp.float32
+    weight_init: str = "he"
 
     @nn.compact
     def __call__(self, x):
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=jnp.float32)(x)
+        inits = {}
+        if self.weight_init == "torch":
+            inits = dict(kernel_init=torch_kernel_init, bias_init=_torch_bias_init(x.shape[-1]))
+        x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=jnp.float32, **inits)(x)
         return l2_normalize(x)
 
 
@@ -135,6 +165,7 @@ class ResNet(nn.Module):
         starts as the identity.
       dtype: compute dtype; parameters are always float32.
       bn_axis_name: named axis to synchronise BatchNorm statistics over, or None.
+      weight_init: ``"he"`` or ``"torch"`` (see :func:`kernel_init`).
     """
 
     stage_sizes: Sequence[int]
@@ -146,12 +177,13 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     act: Callable = nn.relu
+    weight_init: str = "he"
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         _check_stem(self.stem)
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=conv_kernel_init)
+                       kernel_init=kernel_init(self.weight_init))
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name)
 
@@ -169,7 +201,8 @@ class ResNet(nn.Module):
                 strides = (2, 2) if i > 0 and j == 0 else (1, 1)
                 x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
                                    act=self.act, zero_init_residual=self.zero_init_residual)(x)
-        return EmbeddingHead(self.embed_dim, dtype=self.dtype, name="head")(x)
+        return EmbeddingHead(self.embed_dim, dtype=self.dtype, weight_init=self.weight_init,
+                             name="head")(x)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -197,11 +230,12 @@ class HomebrewNet(nn.Module):
     widths: Sequence[int] = (32, 64, 128, 128)
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    weight_init: str = "he"
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=conv_kernel_init)
+                       kernel_init=kernel_init(self.weight_init))
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name)
         for i, width in enumerate(self.widths):
@@ -210,7 +244,8 @@ class HomebrewNet(nn.Module):
             x = nn.relu(x)
             if i < len(self.widths) - 1:
                 x = max_pool_2x2(x)
-        return EmbeddingHead(self.embed_dim, dtype=self.dtype, name="head")(x)
+        return EmbeddingHead(self.embed_dim, dtype=self.dtype, weight_init=self.weight_init,
+                             name="head")(x)
 
 
 ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
@@ -227,7 +262,8 @@ def _check_stem(stem: str) -> None:
 
 
 def create_model(name: str, *, embed_dim: int = 128, dtype=jnp.float32, stem: str = "cifar",
-                 bn_axis_name: str | None = None, **kwargs) -> nn.Module:
+                 bn_axis_name: str | None = None, weight_init: str = "he",
+                 **kwargs) -> nn.Module:
     """Build an embedding model by name.
 
     Args:
@@ -236,6 +272,7 @@ def create_model(name: str, *, embed_dim: int = 128, dtype=jnp.float32, stem: st
       dtype: compute dtype (params stay float32; embeddings are float32).
       stem: ``"cifar"`` or ``"imagenet"`` (ResNets only; validated for every model).
       bn_axis_name: axis name for synchronised BatchNorm under shard_map/pmap.
+      weight_init: ``"he"`` or ``"torch"`` (:func:`kernel_init`).
       **kwargs: extra module attributes, e.g. ``zero_init_residual=False`` or
         ``num_filters`` for ResNets, ``widths`` for homebrew.
 
@@ -245,10 +282,11 @@ def create_model(name: str, *, embed_dim: int = 128, dtype=jnp.float32, stem: st
     if name not in _CONSTRUCTORS:
         raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
     _check_stem(stem)
+    kernel_init(weight_init)  # validates
     if name.startswith("resnet"):
         kwargs["stem"] = stem
     return _CONSTRUCTORS[name](embed_dim=embed_dim, dtype=dtype, bn_axis_name=bn_axis_name,
-                               **kwargs)
+                               weight_init=weight_init, **kwargs)
 
 
 def count_params(variables) -> int:

@@ -449,7 +449,8 @@ def _restore(manager, epoch: int, state: TrainState, train_key):
 def initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh):
     """Fresh replicated state and training key for ``config`` (deterministic in seed)."""
     model = create_model(config.model, embed_dim=config.embed_dim, dtype=jnp.dtype(config.dtype),
-                         stem=config.stem, bn_axis_name=AXIS)
+                         stem=config.stem, bn_axis_name=AXIS,
+                         weight_init=config.weight_init)
     root = jax.random.key(config.seed)
     state = create_train_state(jax.random.fold_in(root, 0), model, config, steps_per_epoch)
     train_key = jax.random.key_data(jax.random.fold_in(root, 1))

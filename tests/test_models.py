@@ -242,3 +242,23 @@ def test_max_pool_2x2_equals_flax_max_pool(shape):
     g = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2))(x)
     g_ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) ** 2))(x)
     np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weight_init", ["he", "torch"])
+def test_weight_init_scales(weight_init):
+    """He normal fan-out: var 2 / (9 c_out); PyTorch default: var 1 / (3 * 9 c_in)."""
+    model = create_model("homebrew", weight_init=weight_init)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    for name, (c_in, c_out) in {"conv1": (32, 64), "conv2": (64, 128)}.items():
+        expected = (2 / (9 * c_out)) ** 0.5 if weight_init == "he" else (1 / (27 * c_in)) ** 0.5
+        assert float(np.std(params[name]["kernel"])) == pytest.approx(expected, rel=0.05)
+    head_bias = params["head"]["Dense_0"]["bias"]
+    if weight_init == "he":
+        assert not np.any(head_bias)
+    else:  # U(-1/sqrt(128), 1/sqrt(128))
+        assert 0 < float(np.max(np.abs(head_bias))) <= 128 ** -0.5
+
+
+def test_unknown_weight_init_is_refused():
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        create_model("homebrew", weight_init="xavier")
