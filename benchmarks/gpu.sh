@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The GPU measurements of the "Fast on a GPU" issue, as ONE script for the device tool.
+# GPU measurement in one script: loss kernels, training throughput (bare step vs whole
+# loop) and the two CIFAR-10 runs with ResNet-18, on one GPU (knobs below; the defaults
+# are the recipe for one H100/H200-class GPU, not yet measured on one).
 #
-# Prepare on the development machine (once per session), from the repository root:
-#   mkdir -p data && cp ../shared/data/cifar10-jpeg.tar.xz data/        # git-ignored
+# On a GPU machine with internet access, `pip install -e ".[all]"` and run
+#   DATA=/path/to/cifar10 bash benchmarks/gpu.sh
+# On one without (registry or internet), prepare on a machine that has it, from the
+# repository root, and copy the repository over with these two git-ignored folders:
+#   mkdir -p data && cp /path/to/cifar10-jpeg.tar.xz data/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
 #     faiss-cpu==1.15.1 openTSNE==1.0.4                                   # ~22 MB
-# Run through the device tool with carry [".whl", "data"] and a timeout that leaves room
-# for a rerun, e.g.:   bash benchmarks/gpu.sh
-# Everything it returns is under $OUT (at most 8 files come back):
+# (the GPU machine then needs jax[cuda], flax, optax, orbax, tqdm, matplotlib, scikit-learn;
+# the wheels in .whl/ are installed into /tmp/site by this script).
+# Everything it writes is under $OUT:
 #   gpu.log, losses-gpu.json, throughput.json, result-{triplet,contrastive}.json,
 #   tsne-{triplet,contrastive}.png
 # Copy the result JSONs to benchmarks/results/ and the figures into README.
 set -uo pipefail
-# Knobs (defaults are the H200 measurement; the CPU dry run in README shrinks them):
+# Knobs (the CPU dry run in README shrinks them):
 OUT=${OUT:-/tmp/jaxmetric-gpu}
 EPOCHS=${EPOCHS:-40}
 WARMUP=${WARMUP:-5}
@@ -29,7 +34,7 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
 
-WHEELS=${WHEELS-.whl}         # carried cp312 wheels (faiss, openTSNE); WHEELS= : use what is installed
+WHEELS=${WHEELS-.whl}         # copied cp312 wheels (faiss, openTSNE); WHEELS= : use what is installed
 if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
