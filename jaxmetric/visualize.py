@@ -31,6 +31,14 @@ from typing import Any
 import numpy as np
 
 from jaxmetric import evaluate
+from jaxmetric.utils import (
+    as_embeddings,
+    as_labels,
+    check_positive_int,
+    flatten,
+    progress_bar,
+    require,
+)
 
 __all__ = [
     "find_neighbours",
@@ -40,8 +48,6 @@ __all__ = [
     "plot_tsne",
     "tsne_embed",
 ]
-
-_INSTALL_HINT = "pip install jaxmetric[eval]"
 
 # Frame colours of retrieved images (RGB, uint8).
 MATCH_COLOUR = (0, 170, 0)
@@ -53,14 +59,8 @@ _X_KEYS = ("step", "epoch")
 
 def _pyplot():
     """matplotlib.pyplot on the Agg backend (file output only)."""
-    try:
-        import matplotlib  # noqa: PLC0415
-    except ImportError as e:  # pragma: no cover
-        raise ImportError(f"plotting needs matplotlib; install it with `{_INSTALL_HINT}`.") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
+    require("matplotlib", "plotting").use("Agg")
+    return require("matplotlib.pyplot", "plotting")
 
 
 def _n_jobs() -> int:
@@ -181,11 +181,8 @@ def tsne_embed(
     Returns:
       ``(N, 2)`` float64 coordinates.
     """
-    try:
-        from openTSNE import TSNE  # noqa: PLC0415
-    except ImportError as e:  # pragma: no cover
-        raise ImportError(f"t-SNE needs openTSNE; install it with `{_INSTALL_HINT}`.") from e
-    x = evaluate._as_embeddings(embeddings, "embeddings")
+    TSNE = require("openTSNE", "t-SNE").TSNE  # noqa: N806 - the class, imported lazily
+    x = as_embeddings(embeddings, "embeddings")
     n = x.shape[0]
     if n < 4:
         raise ValueError(f"t-SNE needs at least 4 points; got {n}")
@@ -197,7 +194,7 @@ def tsne_embed(
     if n_iter < 1 or early_exaggeration_iter < 0:
         raise ValueError("n_iter must be >= 1 and early_exaggeration_iter >= 0")
 
-    bar = evaluate._tqdm(
+    bar = progress_bar(
         total=n_iter + early_exaggeration_iter, desc="t-SNE", unit="it",
         disable=not progress, leave=False,
     )
@@ -256,9 +253,9 @@ def plot_tsne(
     Returns:
       ``path`` as a :class:`pathlib.Path`.
     """
-    x = evaluate._as_embeddings(embeddings, "embeddings")
-    y = evaluate._as_labels(labels, x.shape[0], "labels", "embeddings")
-    max_points = evaluate._check_positive_int(max_points, "max_points")
+    x = as_embeddings(embeddings, "embeddings")
+    y = as_labels(labels, x.shape[0], "labels", "embeddings")
+    max_points = check_positive_int("max_points", max_points)
     _check_class_names(y, class_names)
     if x.shape[0] > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], max_points, replace=False))
@@ -321,7 +318,7 @@ def plot_curves(metrics_records: Sequence[Mapping[str, Any]], path, *, ncols: in
     for i, rec in enumerate(metrics_records):
         if not isinstance(rec, Mapping):
             raise TypeError(f"metrics_records[{i}] must be a dict; got {type(rec).__name__}")
-        records.append(evaluate.flatten(rec, "/"))
+        records.append(flatten(rec, "/"))
     keys: list[str] = []
     for rec in records:
         for key, value in rec.items():
@@ -332,7 +329,7 @@ def plot_curves(metrics_records: Sequence[Mapping[str, Any]], path, *, ncols: in
             "no numeric metric found in metrics_records (besides 'step'/'epoch'); "
             "nothing to plot"
         )
-    ncols = evaluate._check_positive_int(ncols, "ncols")
+    ncols = check_positive_int("ncols", ncols)
 
     plt = _pyplot()
     ncols = min(ncols, len(keys))
@@ -511,10 +508,10 @@ def plot_retrieval_examples(
     Returns:
       ``path`` as a :class:`pathlib.Path`.
     """
-    qe = evaluate._as_embeddings(query_embeddings, "query_embeddings")
-    re = evaluate._as_embeddings(reference_embeddings, "reference_embeddings")
-    ql = evaluate._as_labels(query_labels, qe.shape[0], "query_labels", "query_embeddings")
-    rl = evaluate._as_labels(reference_labels, re.shape[0], "reference_labels",
+    qe = as_embeddings(query_embeddings, "query_embeddings")
+    re = as_embeddings(reference_embeddings, "reference_embeddings")
+    ql = as_labels(query_labels, qe.shape[0], "query_labels", "query_embeddings")
+    rl = as_labels(reference_labels, re.shape[0], "reference_labels",
                              "reference_embeddings")
     qi = _as_images(query_images, "query_images", 4)
     ri = _as_images(reference_images, "reference_images", 4)
@@ -527,7 +524,7 @@ def plot_retrieval_examples(
             f"reference_images has {ri.shape[0]} images but reference_embeddings has "
             f"{re.shape[0]} rows"
         )
-    n_queries = evaluate._check_positive_int(n_queries, "n_queries")
+    n_queries = check_positive_int("n_queries", n_queries)
     rows = np.sort(np.random.default_rng(seed).choice(
         qe.shape[0], min(n_queries, qe.shape[0]), replace=False))
     if exclude_self:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxmetric import evaluate as ev
+from jaxmetric.evaluate import metrics as ev_metrics
 
 KS = (1, 2, 4, 8)
 
@@ -490,33 +491,11 @@ def test_embed_errors():
         ev.embed(lambda b: b, imgs, batch_size=0, progress=False)
 
 
-def test_write_report(tmp_path):
-    (tmp_path / "tsne.png").write_bytes(b"\x89PNG fake")
-    metrics = {"test_vs_train": {"precision_at_1": 0.91234, "n_queries": 10},
-               "clustering": {"nmi": 0.5}, "epoch": 3}
-    path = ev.write_report(tmp_path, metrics,
-                           config={"dataset_note": "CIFAR-10 (JPEG q75 copy)", "lr": 0.1})
-    text = path.read_text()
-    assert path == tmp_path / "report.md"
-    assert "Accuracy is measured on CIFAR-10 (JPEG q75 copy)." in text
-    assert "| precision_at_1 | 0.9123 |" in text
-    assert "| n_queries | 10 |" in text
-    assert "| epoch | 3 |" in text
-    assert "![tsne](tsne.png)" in text
-    assert "curves.png" not in text and "neighbours.png" not in text
-    assert '"lr": 0.1' in text
-
-    text = ev.write_report(tmp_path / "new", {"a": {"b": 1.0}}).read_text()
-    assert "Accuracy is measured" not in text and "## Pictures" not in text
-    with pytest.raises(TypeError, match="metrics must be a dict"):
-        ev.write_report(tmp_path, [1, 2])
-
-
 def test_knn_vote_blocks_do_not_change_results(monkeypatch):
     rng = np.random.default_rng(9)
     nbr = rng.integers(-1, 4, size=(50, 7))
     ql = rng.integers(0, 4, size=50)
     r = np.ones(50, int)
     whole = ev.per_query_metrics(nbr, ql, r, knn_k=7)["knn_accuracy"]
-    monkeypatch.setattr(ev, "DEFAULT_CHUNK_ENTRIES", 60)  # blocks of one row
+    monkeypatch.setattr(ev_metrics, "DEFAULT_CHUNK_ENTRIES", 60)  # blocks of one row
     np.testing.assert_array_equal(ev.per_query_metrics(nbr, ql, r, knn_k=7)["knn_accuracy"], whole)

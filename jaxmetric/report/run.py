@@ -1,34 +1,33 @@
-"""Evaluate a trained run and write its report.
+"""Evaluate a trained run: embed both splits, score, draw the pictures, write the files.
 
-Glue between :mod:`jaxmetric.train` (the model), :mod:`jaxmetric.evaluate` (FAISS
-retrieval metrics) and :mod:`jaxmetric.visualize` (pictures). For a run folder it writes
-
-    metrics.json     both retrieval protocols + clustering, with epoch and data note
-    report.md        the metrics tables and the pictures
-    tsne.png         openTSNE map of the test embeddings
-    curves.png       training curves from metrics.jsonl
-    neighbours.png   test queries and their nearest training images
-
-Re-evaluate a saved run without training (latest checkpoint)::
-
-    python -m jaxmetric.evaluate runs/cifar10-triplet-20261129-101500
-    python -m jaxmetric.evaluate RUN_DIR --data-dir ../shared/data/cifar10-jpeg.tar.xz
+The glue between :mod:`jaxmetric.train` (the model), :mod:`jaxmetric.evaluate` (FAISS
+retrieval metrics), :mod:`jaxmetric.visualize` (pictures) and
+:mod:`jaxmetric.report.markdown` (``report.md``). Training code is imported only inside
+the functions that use a trained state, so that importing this module stays light.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import pathlib
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["dataset_note", "embed_splits", "evaluate_state", "precision_at_1_hook", "summary_line", "main"]
+from jaxmetric import evaluate, visualize
+from jaxmetric.report.markdown import write_report
+from jaxmetric.utils import write_atomic
+
+__all__ = [
+    "EMBED_BATCH",
+    "dataset_note",
+    "embed_splits",
+    "evaluate_state",
+    "precision_at_1_hook",
+    "summary_line",
+]
 
 EMBED_BATCH = 1024
 
@@ -46,7 +45,7 @@ def dataset_note(data_dir) -> str:
 
 def embed_splits(state, dataset, *, mesh=None, progress: bool = True):
     """L2-normalised float32 embeddings of the training and test images."""
-    from jaxmetric import evaluate, train
+    from jaxmetric import train
 
     embed_fn = train.make_embed_fn(state, mesh=mesh)
     batch = EMBED_BATCH
@@ -65,7 +64,6 @@ def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False):
     Test queries against the training set with an exact FAISS index (the lecture's P@1);
     computed on process 0 and broadcast, so every process logs the same record.
     """
-    from jaxmetric import evaluate
 
     def hook(state, epoch):
         train_emb, test_emb = embed_splits(state, dataset, mesh=mesh, progress=progress)
@@ -82,12 +80,6 @@ def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False):
         return {"precision_at_1": p1}
 
     return hook
-
-
-def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_records(path: pathlib.Path) -> list[dict]:
@@ -112,8 +104,6 @@ def evaluate_state(
     Every process takes part in embedding; process 0 alone computes the metrics and
     writes files (the others return an empty dict).
     """
-    from jaxmetric import evaluate, visualize
-
     run_dir = pathlib.Path(run_dir)
     train_emb, test_emb = embed_splits(state, dataset, mesh=mesh, progress=progress)
     if jax.process_index() != 0:
@@ -143,9 +133,9 @@ def evaluate_state(
         dataset.train.images, dataset.train.labels, train_emb,
         run_dir / "neighbours.png", class_names=names,
     )
-    _write_json(run_dir / "metrics.json", metrics)
-    evaluate.write_report(run_dir, metrics, config=config, dataset_note=note,
-                          title=f"jaxmetric run {run_dir.name}")
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n")
+    write_report(run_dir, metrics, config=config, dataset_note=note,
+                 title=f"jaxmetric run {run_dir.name}")
     return metrics
 
 
@@ -153,38 +143,3 @@ def summary_line(metrics: Mapping[str, Any]) -> str:
     """One line of the headline numbers of :func:`evaluate_state`'s metrics."""
     return (f"precision@1 {metrics['test_vs_train']['precision_at_1']:.4f} (test vs train), "
             f"MAP@R {metrics['test_vs_test']['map_at_r']:.4f} (test vs test)")
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxmetric.evaluate",
-                                description="Re-evaluate a saved jaxmetric run.")
-    p.add_argument("run_dir", help="a run folder written by python -m experiments.cifar10")
-    p.add_argument("--epoch", type=int, help="checkpoint epoch (default: the latest)")
-    p.add_argument("--data-dir", help="override the data source saved in config.json")
-    p.add_argument("--tsne-points", type=int, default=5000, help="0 = no t-SNE")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-
-    from jaxmetric import data, train
-
-    try:
-        config, state, epoch = train.restore_state(args.run_dir, epoch=args.epoch)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    data_dir = args.data_dir if args.data_dir is not None else config.data_dir
-    try:
-        dataset = data.load_cifar10(data_dir, max_train=config.max_train,
-                                    max_test=config.max_test)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    cfg = config.to_dict() | {"data_dir": data_dir}
-    metrics = evaluate_state(state, dataset, args.run_dir, config=cfg, epoch=epoch,
-                             tsne_points=args.tsne_points, progress=not args.no_progress)
-    print(f"{args.run_dir} epoch {epoch}: {summary_line(metrics)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
