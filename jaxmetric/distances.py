@@ -16,7 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxmetric.utils import NORM_EPS
+
 __all__ = [
+    "NORM_EPS",
+    "l2_normalize",
     "cross_squared_distances",
     "cross_euclidean_distances",
     "cross_cosine_distances",
@@ -36,6 +40,19 @@ def _as_matrix(x, name: str) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
     return x.astype(jnp.float32)
+
+
+def l2_normalize(x, eps: float = NORM_EPS) -> jax.Array:
+    """``x / max(||x||, eps)`` along the last axis, in float32.
+
+    The one L2 normalisation of the JAX code (the model's embedding head and the cosine
+    distances use it); :func:`jaxmetric.evaluate.l2_normalize` is its NumPy twin with the
+    same floor :data:`~jaxmetric.utils.NORM_EPS`, which keeps an all-zero row zero with
+    finite gradients.
+    """
+    x = jnp.asarray(x).astype(jnp.float32)
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
@@ -64,15 +81,14 @@ def cross_euclidean_distances(a, b) -> jax.Array:
     return safe_sqrt(cross_squared_distances(a, b))
 
 
-def cross_cosine_distances(a, b, eps: float = 1e-12) -> jax.Array:
+def cross_cosine_distances(a, b, eps: float = NORM_EPS) -> jax.Array:
     """Cosine distances ``1 - cos(a_i, b_j)`` (float32, (N, M)), in [0, 2].
 
-    Zero vectors are treated as having cosine similarity 0 with everything.
+    Rows are normalised with :func:`l2_normalize` (norm floor ``eps``), so zero vectors
+    are treated as having cosine similarity 0 with everything.
     """
-    a = _as_matrix(a, "a")
-    b = _as_matrix(b, "b")
-    a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=1, keepdims=True), eps * eps))
-    b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, axis=1, keepdims=True), eps * eps))
+    a = l2_normalize(_as_matrix(a, "a"), eps)
+    b = l2_normalize(_as_matrix(b, "b"), eps)
     return jnp.clip(1.0 - jnp.matmul(a, b.T, precision=_HIGHEST), 0.0, 2.0)
 
 

@@ -35,13 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from jaxmetric.distances import NORM_EPS, l2_normalize  # noqa: F401 - models.l2_normalize
+
 ModuleDef = Any
 
 MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "homebrew")
 STEMS = ("cifar", "imagenet")
-
-NORM_EPS = 1e-6
-"""Norms below this are clamped, so an all-zero embedding has finite gradients."""
 
 INITS = ("he", "torch")
 
@@ -71,13 +70,6 @@ def kernel_init(init: str):
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
     return conv_kernel_init if init == "he" else torch_kernel_init
-
-
-def l2_normalize(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
-    """``x / max(||x||, eps)`` along the last axis, in float32."""
-    x = x.astype(jnp.float32)
-    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 class EmbeddingHead(nn.Module):
