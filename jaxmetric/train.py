@@ -66,7 +66,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import pathlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -86,6 +85,7 @@ from jaxmetric.augment import augment, normalize
 from jaxmetric.config import TrainConfig
 from jaxmetric.models import count_params, create_model
 from jaxmetric.parallel import varying_axes
+from jaxmetric.utils import write_atomic
 
 __all__ = [
     "AXIS",
@@ -493,12 +493,6 @@ def restore_state(run_dir, *, epoch: int | None = None, mesh: Mesh | None = None
     return config, state, epoch
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _prepare_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) -> None:
     """Refuse to overwrite a run; on resume, check the config matches the saved one.
 
@@ -517,7 +511,7 @@ def _prepare_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) -
     config_file = out_dir / "config.json"
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(config_file, json.dumps(config.to_dict(), indent=2) + "\n")
+        write_atomic(config_file, json.dumps(config.to_dict(), indent=2) + "\n")
     if jax.process_count() > 1:
         _agree(None)  # barrier: config.json is written
         _agree(None if config_file.is_file() else FileNotFoundError(
@@ -557,7 +551,7 @@ def _truncate_metrics(path: pathlib.Path, epoch: int) -> None:
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
     if len(kept) != len(lines):
-        _write_atomic(path, "".join(line + "\n" for line in kept))
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _epoch_indices(config: TrainConfig, labels: np.ndarray, epoch: int) -> np.ndarray:
