@@ -40,20 +40,17 @@ not cached: they are already stored as arrays.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import io
 import json
 import logging
-import operator
 import os
 import pathlib
 import pickle
 import socket
 import tarfile
-import tempfile
 import time
 import warnings
 import zipfile
@@ -61,6 +58,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
+
+from jaxmetric.utils import atomic_writer, check_positive_int
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _np_multiarray
@@ -200,8 +199,8 @@ def load_cifar10(
       DataError: the source is missing, malformed or corrupt (the message names it).
       ValueError: ``max_train``/``max_test`` is not a positive integer.
     """
-    max_train = _check_max("max_train", max_train)
-    max_test = _check_max("max_test", max_test)
+    max_train = check_positive_int("max_train", max_train, allow_none=True)
+    max_test = check_positive_int("max_test", max_test, allow_none=True)
     if data_dir is None:
         return _take_balanced(_load_tfds(), max_train, max_test)
 
@@ -259,20 +258,6 @@ def default_cache_dir() -> pathlib.Path:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_max(name: str, value: int | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer or None, got {value}")
-    return value
 
 
 def _balanced_counts(available: Sequence[int], n: int) -> np.ndarray:
@@ -866,22 +851,13 @@ def _read_cache(cache_file: pathlib.Path, key: str) -> Dataset | None:
 def _write_cache(cache_file: pathlib.Path, key: str, dataset: Dataset) -> None:
     """Writes the cache atomically: a temporary file in the same folder, then rename."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                key=np.array(key),
-                train_images=dataset.train.images,
-                train_labels=dataset.train.labels,
-                test_images=dataset.test.images,
-                test_labels=dataset.test.labels,
-                class_names=np.array(dataset.class_names, dtype=str),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache_file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(cache_file, "wb") as f:
+        np.savez(
+            f,
+            key=np.array(key),
+            train_images=dataset.train.images,
+            train_labels=dataset.train.labels,
+            test_images=dataset.test.images,
+            test_labels=dataset.test.labels,
+            class_names=np.array(dataset.class_names, dtype=str),
+        )
