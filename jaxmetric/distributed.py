@@ -63,6 +63,8 @@ import os
 import warnings
 from collections.abc import Sequence
 
+from jaxmetric.utils import check_positive_int
+
 __all__ = [
     "DEFAULT_BARRIER_TIMEOUT_S",
     "DEFAULT_HEARTBEAT_TIMEOUT_S",
@@ -110,12 +112,6 @@ def _from_env(value, env: str, convert, what: str):
         return convert(raw)
     except ValueError:
         raise ValueError(f"${env}={raw!r} is not a valid {what}") from None
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
 
 
 def _detected_cluster() -> str | None:
@@ -186,12 +182,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     coordinator_address = _from_env(coordinator_address, ENV_COORDINATOR, str, "host:port")
     num_processes = _from_env(num_processes, ENV_NUM_PROCESSES, int, "process count")
     process_id = _from_env(process_id, ENV_PROCESS_ID, int, "process id")
-    timeout_s = _positive_int("timeout_s", _from_env(
+    timeout_s = check_positive_int("timeout_s", _from_env(
         timeout_s, ENV_INIT_TIMEOUT, int, "timeout (s)") or DEFAULT_INIT_TIMEOUT_S)
-    heartbeat_timeout_s = _positive_int("heartbeat_timeout_s", _from_env(
+    heartbeat_timeout_s = check_positive_int("heartbeat_timeout_s", _from_env(
         heartbeat_timeout_s, ENV_HEARTBEAT_TIMEOUT, int, "timeout (s)")
         or DEFAULT_HEARTBEAT_TIMEOUT_S)
-    shutdown_timeout_s = _positive_int("shutdown_timeout_s", _from_env(
+    shutdown_timeout_s = check_positive_int("shutdown_timeout_s", _from_env(
         shutdown_timeout_s, ENV_SHUTDOWN_TIMEOUT, int, "timeout (s)")
         or DEFAULT_SHUTDOWN_TIMEOUT_S)
 
@@ -218,7 +214,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return jax.process_count() > 1
 
     if num_processes is not None:
-        _positive_int("num_processes", num_processes)
+        check_positive_int("num_processes", num_processes)
     if process_id is not None and (isinstance(process_id, bool)
                                    or not isinstance(process_id, int) or process_id < 0):
         raise ValueError(f"process_id must be an int >= 0; got {process_id!r}")

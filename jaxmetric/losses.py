@@ -73,6 +73,7 @@ import jax.numpy as jnp
 
 from jaxmetric import distances, mining
 from jaxmetric.parallel import varying_axes
+from jaxmetric.utils import check_choice
 
 __all__ = ["contrastive_loss", "triplet_loss", "MINING_MODES", "REDUCTIONS"]
 
@@ -100,11 +101,6 @@ class _Batch(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_choice(name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(options)}")
 
 
 def _check_number(name: str, value, *, minimum=None, positive=False):
@@ -294,7 +290,7 @@ def contrastive_loss(
       ``mean_neg_distance``. A NaN or inf in a valid row makes the loss and all but
       the two pair counts NaN (module docstring).
     """
-    _check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
     _check_number("margin", margin, minimum=0.0)
     _check_number("pos_margin", pos_margin, minimum=0.0)
     _check_number("power", power, positive=True)
@@ -459,8 +455,8 @@ def triplet_loss(
       ``num_valid_triplets``, ``num_pos_pairs`` and ``num_neg_pairs`` NaN (module
       docstring).
     """
-    _check_choice("mining", mining, MINING_MODES)
-    _check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("mining", mining, MINING_MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
     margin = _static_margin(margin)
     b = _gather_batch(embeddings, labels, valid, axis_name)
     d = distances.cross_squared_distances(b.anchors, b.batch)
