@@ -1,0 +1,278 @@
+"""The shape of the package: imports go one way, and private names stay in their module.
+
+* No module of ``jaxmetric`` uses another module's private names (``_x``): neither
+  ``from jaxmetric.m import _x`` nor ``m._x``, nor a private module (``jaxmetric._m``).
+  What modules share is public and lives where its concern lives (shared helpers in
+  :mod:`jaxmetric.utils`).
+* The imports between ``jaxmetric`` modules form no circle: neither those that run when
+  a module is imported, nor the ones inside functions (a circle through a lazy import is
+  still a two-way dependency).
+* ``import jaxmetric.evaluate`` needs only NumPy (and the JAX core of the package): it
+  does not load the report, the pictures, training, orbax or the optional dependencies.
+
+The graph is read from the source with :mod:`ast`, so these tests import nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = REPO_ROOT / "jaxmetric"
+
+
+# ------------------------------------------------------------------------- reading
+
+
+def _module_files() -> dict[str, pathlib.Path]:
+    """``{"jaxmetric.evaluate.knn": path, "jaxmetric.evaluate": .../__init__.py, ...}``."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+MODULES = _module_files()
+
+
+def _is_package(module: str) -> bool:
+    return MODULES[module].name == "__init__.py"
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _resolve_from(module: str, node: ast.ImportFrom) -> str | None:
+    """The absolute module name of ``from ... import`` in ``module`` (None if outside)."""
+    if node.level:
+        base = module.split(".") if _is_package(module) else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        name = ".".join(base + ([node.module] if node.module else []))
+    else:
+        name = node.module or ""
+    return name if name == "jaxmetric" or name.startswith("jaxmetric.") else None
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _import_nodes(tree: ast.Module, *, top_level: bool):
+    """Import statements; with ``top_level`` only those run when the module is imported
+    (not inside functions, not under ``if TYPE_CHECKING``)."""
+    if not top_level:
+        yield from (n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)))
+        return
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        elif isinstance(node, ast.If) and _is_type_checking(node):
+            stack.extend(node.orelse)
+        elif isinstance(node, ast.stmt):
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.stmt):
+                    stack.append(child)
+                elif isinstance(child, ast.excepthandler):
+                    stack.extend(child.body)
+
+
+def _targets(module: str, node) -> list[str]:
+    """The jaxmetric modules an import statement loads."""
+    out = []
+    if isinstance(node, ast.Import):
+        for alias in node.names:
+            if alias.name == "jaxmetric" or alias.name.startswith("jaxmetric."):
+                out.append(alias.name)
+        return out
+    source = _resolve_from(module, node)
+    if source is None:
+        return out
+    for alias in node.names:
+        sub = f"{source}.{alias.name}"
+        out.append(sub if sub in MODULES else source)
+    return out
+
+
+def _tree(module: str) -> ast.Module:
+    return ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
+
+
+def _graph(*, top_level: bool) -> dict[str, set[str]]:
+    graph = {}
+    for module in MODULES:
+        targets = set()
+        for node in _import_nodes(_tree(module), top_level=top_level):
+            targets.update(t for t in _targets(module, node) if t in MODULES)
+        # Importing jaxmetric.x first runs jaxmetric/__init__.py; that edge (and the one to
+        # a module's own package) is how every package works, not a dependency.
+        graph[module] = {t for t in targets
+                         if t != module and t != "jaxmetric" and not module.startswith(t + ".")}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, on_stack, stack, found = {}, {}, set(), [], []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _private_uses(module: str) -> set[tuple[str, str]]:
+    """``(module, "other._name")`` for each private name of another module it uses."""
+    tree = _tree(module)
+    uses = set()
+    bound: dict[str, str] = {}  # local name -> jaxmetric module it refers to
+    for node in _import_nodes(tree, top_level=False):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] != "jaxmetric":
+                    continue
+                if alias.asname:
+                    bound[alias.asname] = alias.name
+                else:
+                    bound["jaxmetric"] = "jaxmetric"
+                for part in alias.name.split(".")[1:]:
+                    if _is_private(part):
+                        uses.add((module, alias.name))
+            continue
+        source = _resolve_from(module, node)
+        if source is None:
+            continue
+        if any(_is_private(part) for part in source.split(".")[1:]):
+            uses.add((module, source))
+        for alias in node.names:
+            sub = f"{source}.{alias.name}"
+            if sub in MODULES:
+                bound[alias.asname or alias.name] = sub
+            if _is_private(alias.name) and source != module:
+                uses.add((module, f"{source}.{alias.name}"))
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain = []
+        value = node
+        while isinstance(value, ast.Attribute):
+            chain.append(value.attr)
+            value = value.value
+        if not isinstance(value, ast.Name) or value.id not in bound:
+            continue
+        target = bound[value.id]
+        for attr in reversed(chain):
+            if f"{target}.{attr}" in MODULES:
+                target = f"{target}.{attr}"
+                continue
+            if _is_private(attr) and target != module:
+                uses.add((module, f"{target}.{attr}"))
+            break
+    return uses
+
+
+# ------------------------------------------------------------------------- the rules
+
+
+def test_the_reader_sees_the_package():
+    assert {"jaxmetric", "jaxmetric.evaluate", "jaxmetric.evaluate.knn", "jaxmetric.report",
+            "jaxmetric.visualize", "jaxmetric.utils"} <= set(MODULES)
+    graph = _graph(top_level=True)
+    assert "jaxmetric.evaluate" in graph["jaxmetric.visualize"]
+    assert "jaxmetric.evaluate.knn" in graph["jaxmetric.evaluate.protocols"]
+    lazy = _graph(top_level=False)
+    assert "jaxmetric.train" in lazy["jaxmetric.report.run"]
+    assert "jaxmetric.train" not in graph["jaxmetric.report.run"]
+
+
+def test_no_private_names_across_modules():
+    uses = sorted(set().union(*(_private_uses(m) for m in MODULES)))
+    assert not uses, "private names used across modules (make them public or move them): " \
+        + ", ".join(f"{m} uses {name}" for m, name in uses)
+
+
+def test_the_checks_catch_private_uses(tmp_path, monkeypatch):
+    fake = tmp_path / "jaxmetric" / "fake.py"
+    fake.parent.mkdir()
+    fake.write_text("from jaxmetric.evaluate.knn import _default_m\n"
+                    "from jaxmetric import evaluate\n"
+                    "import jaxmetric.evaluate.metrics as em\n"
+                    "def f():\n"
+                    "    return evaluate.knn._resolve_ivfpq, em._knn_correct, evaluate.embed\n")
+    monkeypatch.setitem(MODULES, "jaxmetric.fake", fake)
+    assert _private_uses("jaxmetric.fake") == {
+        ("jaxmetric.fake", "jaxmetric.evaluate.knn._default_m"),
+        ("jaxmetric.fake", "jaxmetric.evaluate.knn._resolve_ivfpq"),
+        ("jaxmetric.fake", "jaxmetric.evaluate.metrics._knn_correct"),
+    }
+
+
+@pytest.mark.parametrize("top_level", [True, False], ids=["at-import", "with-lazy-imports"])
+def test_no_import_circle(top_level):
+    assert _cycles(_graph(top_level=top_level)) == []
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _loaded_by(statement: str) -> list[str]:
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO_ROOT, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+HEAVY = ("jaxmetric.report", "jaxmetric.visualize", "jaxmetric.train", "jaxmetric.data",
+         "jaxmetric.models", "orbax", "flax.training", "optax", "faiss", "sklearn", "tqdm",
+         "matplotlib", "openTSNE", "tensorflow")
+
+
+def test_importing_evaluate_loads_no_upper_layer_or_optional_dependency():
+    loaded = _loaded_by("import jaxmetric.evaluate")
+    assert "jaxmetric.evaluate.protocols" in loaded
+    bad = [m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+    assert bad == []
+
+
+def test_importing_visualize_loads_neither_report_nor_training():
+    loaded = _loaded_by("import jaxmetric.visualize")
+    upper = ("jaxmetric.report", "jaxmetric.train", "jaxmetric.data", "orbax", "flax.training")
+    assert [m for m in loaded if any(m == u or m.startswith(u + ".") for u in upper)] == []
