@@ -9,16 +9,28 @@ construction of the lecture (Kak & Bouman, "Metric Learning", section 4):
 so a (B, D) batch needs one (B, D) × (D, B) matrix product and no (B, B, D) tensor.
 The product runs at ``Precision.HIGHEST`` so that accelerators do not silently use
 reduced-precision (TF32 / bf16) passes for the float32 matmul.
+
+The losses take their distance by name from :data:`DISTANCES` (``"squared_l2"``,
+``"l2"``, ``"cosine"``) or as any callable with the contract of the ``cross_*``
+functions here: ``(anchors (R, D), batch (B, D)) -> (R, B)``, float, non-negative, and
+finite with finite gradients at all-zero rows (padded rows are zeroed before the call).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import MappingProxyType
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxmetric.utils import NORM_EPS
 
 __all__ = [
+    "DISTANCES",
+    "DistanceFn",
+    "resolve",
     "NORM_EPS",
     "l2_normalize",
     "cross_squared_distances",
@@ -61,7 +73,7 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
-def cross_squared_distances(a, b) -> jax.Array:
+def cross_squared_distances(a: ArrayLike, b: ArrayLike) -> jax.Array:
     """Squared Euclidean distances between rows of ``a`` (N, D) and ``b`` (M, D).
 
     Returns a float32 (N, M) matrix ``d[i, j] = ||a_i - b_j||²``, clamped at 0.
@@ -76,16 +88,23 @@ def cross_squared_distances(a, b) -> jax.Array:
     return jnp.maximum(sq_a[:, None] - 2.0 * dots + sq_b[None, :], 0.0)
 
 
-def cross_euclidean_distances(a, b) -> jax.Array:
+def cross_euclidean_distances(a: ArrayLike, b: ArrayLike) -> jax.Array:
     """Euclidean distances ``||a_i - b_j||`` (float32, (N, M)); finite gradient at 0."""
     return safe_sqrt(cross_squared_distances(a, b))
 
 
-def cross_cosine_distances(a, b, eps: float = NORM_EPS) -> jax.Array:
-    """Cosine distances ``1 - cos(a_i, b_j)`` (float32, (N, M)), in [0, 2].
+def cross_cosine_distances(a: ArrayLike, b: ArrayLike, eps: float = NORM_EPS) -> jax.Array:
+    r"""Cosine distances ``1 - cos(a_i, b_j)`` (float32, (N, M)), in [0, 2].
 
-    Rows are normalised with :func:`l2_normalize` (norm floor ``eps``), so zero vectors
-    are treated as having cosine similarity 0 with everything.
+    .. math::  d_{ij} = 1 - \frac{a_i \cdot b_j}{\max(\|a_i\|, \epsilon)\,
+                                  \max(\|b_j\|, \epsilon)}
+
+    0 for vectors pointing the same way, 1 for orthogonal ones, 2 for opposite ones.
+    Only directions count, so unit and non-unit embeddings alike are compared by angle
+    (for unit vectors it is half the squared Euclidean distance). Rows are normalised
+    with :func:`l2_normalize` (norm floor ``eps``): an all-zero row stays zero, has
+    cosine similarity 0 with everything (distance 1) and finite gradients (of order
+    1 / eps). Round-off is clipped into [0, 2]; a NaN or inf row gives NaN.
     """
     a = l2_normalize(_as_matrix(a, "a"), eps)
     b = l2_normalize(_as_matrix(b, "b"), eps)
@@ -96,12 +115,12 @@ def _zero_diagonal(d: jax.Array) -> jax.Array:
     return jnp.where(jnp.eye(d.shape[0], dtype=bool), 0.0, d)
 
 
-def pairwise_squared_distances(x) -> jax.Array:
+def pairwise_squared_distances(x: ArrayLike) -> jax.Array:
     """Squared Euclidean distance matrix of a (B, D) batch: float32 (B, B), zero diagonal."""
     return _zero_diagonal(cross_squared_distances(x, x))
 
 
-def pairwise_euclidean_distances(x) -> jax.Array:
+def pairwise_euclidean_distances(x: ArrayLike) -> jax.Array:
     """Euclidean distance matrix of a (B, D) batch: float32 (B, B), zero diagonal.
 
     The square root has a zero (finite) gradient where two embeddings coincide.
@@ -109,6 +128,30 @@ def pairwise_euclidean_distances(x) -> jax.Array:
     return safe_sqrt(pairwise_squared_distances(x))
 
 
-def pairwise_cosine_distances(x) -> jax.Array:
+def pairwise_cosine_distances(x: ArrayLike) -> jax.Array:
     """Cosine distance matrix ``1 - cos`` of a (B, D) batch: float32 (B, B)."""
     return _zero_diagonal(cross_cosine_distances(x, x))
+
+
+DistanceFn = Callable[[jax.Array, jax.Array], jax.Array]
+"""``(anchors (R, D), batch (B, D)) -> (R, B)`` non-negative distances."""
+
+DISTANCES: MappingProxyType[str, DistanceFn] = MappingProxyType({
+    "squared_l2": cross_squared_distances,
+    "l2": cross_euclidean_distances,
+    "cosine": cross_cosine_distances,
+})
+"""The distances the losses accept by name."""
+
+
+def resolve(distance: str | DistanceFn) -> DistanceFn:
+    """The cross-distance function of a :data:`DISTANCES` name, or ``distance`` itself
+    if it is callable (the contract is in the module docstring)."""
+    if callable(distance):
+        return distance
+    if isinstance(distance, str) and distance in DISTANCES:
+        return DISTANCES[distance]
+    raise ValueError(
+        f"unknown distance {distance!r}; expected one of {', '.join(DISTANCES)} or a "
+        "callable (anchors (R, D), batch (B, D)) -> (R, B)"
+    )
