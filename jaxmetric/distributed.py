@@ -54,6 +54,13 @@ defaults, 100 s and 300 s). ``timeout_s`` (``JAXMETRIC_INIT_TIMEOUT``) bounds ho
 The shutdown barrier has a flip side: if process 0 works alone at the end (metrics, a
 report) for longer than ``shutdown_timeout_s`` while the others have already exited,
 JAX terminates process 0 too. End such programs with :func:`barrier` on every process.
+
+**Every cross-process call of the package lives here**, so the rest reads as
+single-process code with a few named agreement points: :func:`put` (host values to a
+global array), :func:`agree` (one verdict of a start-up check on every process),
+:func:`check_same_data`, :func:`check_same_value`, :func:`check_mesh_spans_processes`,
+:func:`broadcast_from_primary`, :func:`to_host` and :func:`barrier`. Each is a no-op (or
+plain single-process JAX) in a single-process run.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ from collections.abc import Sequence
 from jaxmetric.utils import check_positive_int
 
 __all__ = [
+    "AGREED_ERRORS",
     "DEFAULT_BARRIER_TIMEOUT_S",
     "DEFAULT_HEARTBEAT_TIMEOUT_S",
     "DEFAULT_INIT_TIMEOUT_S",
@@ -73,12 +81,18 @@ __all__ = [
     "ENV_COORDINATOR",
     "ENV_NUM_PROCESSES",
     "ENV_PROCESS_ID",
+    "agree",
+    "broadcast_from_primary",
+    "check_mesh_spans_processes",
+    "check_same_data",
+    "check_same_value",
     "initialize",
     "is_multiprocess",
     "is_primary",
     "process_count",
     "process_index",
     "barrier",
+    "put",
     "to_host",
 ]
 
@@ -324,3 +338,131 @@ def to_host(tree):
         return x
 
     return jax.device_get(jax.tree.map(local, tree))
+
+
+# ----------------------------------------------------------------- agreement points
+
+AGREED_ERRORS = (FileExistsError, FileNotFoundError, ValueError, RuntimeError)
+"""The error types :func:`agree` reproduces on the other processes (others: the last)."""
+
+
+def agree(error: BaseException | None) -> None:
+    """Raise ``error`` here and an error of the same type on every other process.
+
+    Checks that may fail on one process only (a file system not shared by all of them)
+    must fail everywhere, or the others would wait in the next collective until JAX's
+    timeouts kill them. A collective itself: every process must call it (with None when
+    its own check passed), so ``agree(None)`` on every process is also a barrier. In a
+    single-process run it just raises ``error`` if there is one.
+    """
+    import jax
+    import numpy as np
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        code = 0
+        if error is not None:
+            code = 1 + next((i for i, t in enumerate(AGREED_ERRORS) if isinstance(error, t)),
+                            len(AGREED_ERRORS) - 1)
+        codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+        if error is None and codes.any():
+            first = int(np.flatnonzero(codes)[0])
+            raise AGREED_ERRORS[codes[first] - 1](
+                f"process {first} failed a start-up check (see its error message); "
+                f"failed processes: {np.flatnonzero(codes).tolist()}")
+    if error is not None:
+        raise error
+
+
+def check_same_data(images, labels) -> None:
+    """Every process must hold the same training set, in the same order (a collective).
+
+    Compares the size and the crc32 of the labels and of the images of every process;
+    raises ``ValueError`` on all of them when they differ. No-op for one process.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import zlib
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    digest = np.array([len(labels) % 2**32, zlib.crc32(np.ascontiguousarray(labels)),
+                       zlib.crc32(np.ascontiguousarray(images))], np.uint32)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    if not (digests == digests[:1]).all():
+        raise ValueError(
+            "the training set differs between processes (size, crc32 of labels, crc32 of "
+            f"images per process: {digests.tolist()}): every process must load the same "
+            "data in the same order")
+
+
+def check_same_value(value: int, what: str) -> None:
+    """Raise ``RuntimeError`` on every process unless all passed the same int (a collective).
+
+    ``what`` names the value in the message, e.g. ``"latest checkpoints in DIR (it must
+    be on a shared file system)"``. No-op for one process.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(value)))
+    if (seen != seen[0]).any():
+        raise RuntimeError(f"processes see different {what}: {seen.tolist()}")
+
+
+def check_mesh_spans_processes(mesh) -> None:
+    """Raise ``ValueError`` if a multi-process run's ``mesh`` leaves out some process."""
+    import jax
+
+    if jax.process_count() > 1 and {d.process_index for d in mesh.devices.flat} != set(
+            range(jax.process_count())):
+        raise ValueError(f"in a {jax.process_count()}-process run the mesh must hold devices "
+                         "of every process: use make_mesh(jax.devices())")
+
+
+def broadcast_from_primary(tree):
+    """Process 0's value of ``tree`` on every process (a collective); as is for one.
+
+    E.g. a state initialised from the same seed everywhere: process 0's values win, so
+    the replicas are bit-identical even if hosts' CPUs round differently; or a metric
+    computed on process 0 alone.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
+def put(tree, sharding):
+    """``jax.device_put`` that also works when ``sharding`` spans several processes.
+
+    Every process passes the same global host value; each one puts only the slices that
+    belong to its own devices (``jax.make_array_from_callback``), so nothing crosses
+    processes here and the result is a valid global ``jax.Array``. Arrays that already
+    span processes are resharded by ``jax.device_put``. On a single-process mesh this is
+    plain ``jax.device_put``.
+    """
+    import jax
+    import numpy as np
+
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
