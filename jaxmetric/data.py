@@ -36,6 +36,14 @@ the source path, the size and modification time of the archive (of every image f
 a tree) and ``max_train``/``max_test``, so a stale cache is never used; files are
 written atomically and a corrupt one is ignored and rebuilt. The other two sources are
 not cached: they are already stored as arrays.
+
+**What the model needs from the data** travels with the :class:`Dataset`: the image
+shape (:attr:`Dataset.image_shape`) and the per-channel mean and standard deviation used
+to normalise its pixels (:attr:`Dataset.normalization`: given when the data set is built,
+else computed from its training images by :func:`channel_stats`). The CIFAR-10 source
+gives the published statistics :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD` and a
+description for reports (:func:`cifar10_description`); nothing outside this module
+assumes CIFAR-10.
 """
 
 from __future__ import annotations
@@ -70,10 +78,14 @@ except ImportError:  # numpy 1.x
 
 __all__ = [
     "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
     "DataError",
     "Dataset",
     "Split",
     "balanced_subset",
+    "channel_stats",
+    "cifar10_description",
     "default_cache_dir",
     "load_cifar10",
 ]
@@ -94,6 +106,11 @@ CIFAR10_CLASSES = (
     "ship",
     "truck",
 )
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+"""Per-channel (RGB) mean of CIFAR-10's training images, in [0, 1] units (the published
+values every CIFAR recipe normalises with)."""
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+"""Per-channel standard deviation of CIFAR-10's training images, in [0, 1] units."""
 IMAGE_SHAPE = (32, 32, 3)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "test")
@@ -150,11 +167,22 @@ class Split:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Train and test splits plus the class names (``class_names[label]``)."""
+    """Train and test splits plus the class names (``class_names[label]``).
+
+    Attributes:
+      train, test: the splits; their images must have the same shape (H, W, C).
+      class_names: ``class_names[label]``.
+      mean, std: per-channel pixel statistics in [0, 1] units for normalisation (both
+        or neither); None = computed from the training images (:attr:`normalization`).
+      description: how reports name the data, e.g. ``"CIFAR-10 (tensorflow-datasets)"``.
+    """
 
     train: Split
     test: Split
     class_names: tuple[str, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    description: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.class_names, tuple) or not self.class_names:
@@ -166,13 +194,87 @@ class Dataset:
                 split.labels.min() < 0 or split.labels.max() >= len(self.class_names)
             ):
                 raise ValueError(f"Dataset.{name} has labels outside [0, {len(self.class_names)})")
+        if self.train.images.shape[1:] != self.test.images.shape[1:]:
+            raise ValueError(
+                f"Dataset.train images are {self.train.images.shape[1:]} but test images are "
+                f"{self.test.images.shape[1:]}"
+            )
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("Dataset.mean and Dataset.std go together: give both or neither")
+        if self.mean is not None:
+            channels = self.image_shape[-1]
+            for name in ("mean", "std"):
+                value = tuple(float(v) for v in getattr(self, name))
+                if len(value) != channels:
+                    raise ValueError(
+                        f"Dataset.{name} needs one value per channel ({channels}); got {value}"
+                    )
+                object.__setattr__(self, name, value)
+            if min(self.std) <= 0:
+                raise ValueError(f"Dataset.std must be > 0; got {self.std}")
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """``(H, W, C)`` of every image: what the model is initialised on."""
+        return tuple(int(d) for d in self.train.images.shape[1:])
+
+    @functools.cached_property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` per channel: the given ones, else :func:`channel_stats` of the
+        training images (computed once)."""
+        if self.mean is not None:
+            return self.mean, self.std
+        return channel_stats(self.train.images)
+
 
 # --------------------------------------------------------------------------- public API
+
+
+def channel_stats(
+    images: np.ndarray, *, chunk: int = 4096
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images (N, H, W, C), in [0, 1]
+    units: the statistics :func:`jaxmetric.augment.normalize` takes.
+
+    Two passes in float64 over chunks of ``chunk`` images (the mean, then the squared
+    deviations from it), so memory stays small and the result exact to rounding; a
+    channel that is constant gets standard deviation 1 (normalising it then only shifts
+    it).
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            "channel_stats expects uint8 images (N, H, W, C), got "
+            f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}"
+        )
+    if len(images) == 0:
+        raise ValueError("channel_stats needs at least one image")
+    channels = images.shape[-1]
+    count = images[..., 0].size
+
+    def chunks():
+        for start in range(0, len(images), chunk):
+            yield images[start : start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
+
+    mean = sum(x.sum(axis=0) for x in chunks()) / count
+    std = np.sqrt(sum(np.square(x - mean).sum(axis=0) for x in chunks()) / count)
+    std = np.where(std > 1e-9, std, 1.0)  # rounding leaves ~1e-17 on a constant channel
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def cifar10_description(data_dir: PathLike | None) -> str:
+    """How reports name CIFAR-10 loaded from ``data_dir`` (a JPEG copy is not the
+    original: its pixels differ slightly from the official release)."""
+    if data_dir is None:
+        return "CIFAR-10 (tensorflow-datasets)"
+    name = pathlib.Path(str(data_dir)).name
+    if "jpeg" in name.lower() or "jpg" in name.lower():
+        return (f"CIFAR-10 (JPEG q75 copy, {name}: pixels differ slightly from the official "
+                "release)")
+    return f"CIFAR-10 ({name})"
 
 
 def load_cifar10(
@@ -193,7 +295,9 @@ def load_cifar10(
         directory (:func:`default_cache_dir`), False for no cache.
 
     Returns:
-      A :class:`Dataset`.
+      A :class:`Dataset` with CIFAR-10's published normalisation statistics
+      (:data:`CIFAR10_MEAN`, :data:`CIFAR10_STD`) and a description of the source
+      (:func:`cifar10_description`).
 
     Raises:
       DataError: the source is missing, malformed or corrupt (the message names it).
@@ -201,6 +305,17 @@ def load_cifar10(
     """
     max_train = check_positive_int("max_train", max_train, allow_none=True)
     max_test = check_positive_int("max_test", max_test, allow_none=True)
+    dataset = _load_cifar10(data_dir, max_train, max_test, cache_dir)
+    return dataclasses.replace(dataset, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                               description=cifar10_description(data_dir))
+
+
+def _load_cifar10(
+    data_dir: PathLike | None,
+    max_train: int | None,
+    max_test: int | None,
+    cache_dir: PathLike | None | Literal[False],
+) -> Dataset:
     if data_dir is None:
         return _take_balanced(_load_tfds(), max_train, max_test)
 

@@ -675,6 +675,34 @@ def test_split_and_dataset_validation():
     split = Split(images, np.array([0, 1], np.int32))
     with pytest.raises(ValueError, match="outside"):
         Dataset(split, split, ("only",))
+    two = ("a", "b")
+    with pytest.raises(ValueError, match="give both or neither"):
+        Dataset(split, split, two, mean=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="one value per channel"):
+        Dataset(split, split, two, mean=(0.5,), std=(0.2,))
+    with pytest.raises(ValueError, match="std must be > 0"):
+        Dataset(split, split, two, mean=(0.5,) * 3, std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="test images are"):
+        Dataset(split, Split(np.zeros((2, 8, 8, 3), np.uint8), split.labels), two)
+
+
+def test_channel_stats_and_dataset_normalization():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (37, 5, 6, 3), dtype=np.uint8)
+    images[..., 2] = 7  # a constant channel: std 1, not a division by zero
+    mean, std = data.channel_stats(images, chunk=8)
+    x = images.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(std[:2], x.std(axis=(0, 1, 2))[:2], rtol=1e-9)
+    assert std[2] == 1.0
+    with pytest.raises(ValueError, match="uint8"):
+        data.channel_stats(x)
+    split = Split(images, np.zeros(37, np.int32))
+    computed = Dataset(split, split, ("a",))
+    assert computed.image_shape == (5, 6, 3)
+    np.testing.assert_allclose(computed.normalization, (mean, std), rtol=1e-12)
+    given = Dataset(split, split, ("a",), mean=[0.1, 0.2, 0.3], std=(1, 2, 3))
+    assert given.normalization == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
 
 
 # ----------------------------------------------------------------------------- real data
@@ -686,6 +714,11 @@ def test_real_cifar10_tarball(cifar_tarball, tmp_path):
     cold = time.perf_counter() - start
     assert ds.class_names == CIFAR10_CLASSES
     assert ds.train.images.shape == (500, 32, 32, 3) and ds.test.images.shape == (200, 32, 32, 3)
+    assert ds.normalization == (data.CIFAR10_MEAN, data.CIFAR10_STD)  # the published ones
+    assert ds.description.startswith("CIFAR-10 (JPEG q75 copy")
+    computed = data.channel_stats(ds.train.images)  # close to them even on 500 images
+    np.testing.assert_allclose(computed[0], data.CIFAR10_MEAN, atol=0.03)
+    np.testing.assert_allclose(computed[1], data.CIFAR10_STD, atol=0.03)
     assert np.bincount(ds.train.labels).tolist() == [50] * 10
     assert np.bincount(ds.test.labels).tolist() == [20] * 10
     assert 90 < ds.train.images.mean() < 150 and ds.train.images.std() > 40
