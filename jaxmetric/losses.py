@@ -1,9 +1,45 @@
 r"""Pairwise contrastive and triplet losses over all pairs / mined triplets of a batch.
 
 Both losses take a batch of embeddings ``(B, D)`` and integer labels ``(B,)`` and
-return ``(loss, info)``: a float32 scalar and a dict of float32 scalars to watch while
-training (pair / triplet counts, the active fraction, mean distances). Both are pure
-and work under ``jit``, ``vmap`` and ``grad``.
+return ``(loss, info)``: a float32 scalar (or, with ``reduction="none"``, one value per
+anchor) and a dict of float32 values to watch while training (pair / triplet counts,
+the active fraction, mean distances). Both are pure and work under ``jit``, ``vmap``
+and ``grad``.
+
+**Distance.** ``distance`` is a name in :data:`jaxmetric.distances.DISTANCES` —
+``"squared_l2"`` (the triplet loss's default, as in FaceNet and the lecture), ``"l2"``
+(the contrastive loss's default, as in Hadsell et al.) or ``"cosine"`` (``1 - cos``,
+in [0, 2], for unit or non-unit embeddings) — or a callable
+``(anchors (R, D), batch (B, D)) -> (R, B)`` returning non-negative float distances
+that stay finite, with finite gradients, on all-zero rows (padded rows are zeroed
+before it is called). The margins are in the units of that distance.
+
+**Reduction.** Each loss is a sum of terms grouped per anchor (row ``i`` of the
+batch): the contrastive loss has one term per ordered pair ``(i, j)``, in two groups,
+positive and negative pairs; the triplet loss one term per selected triplet
+``(i, p, n)``, in one group. With :math:`S_g` the sum of group ``g``'s terms,
+:math:`N_g` their number and :math:`A_g` the number of non-zero (*active*) ones, all
+over the global batch:
+
+- ``"mean"``: :math:`\sum_g S_g / \max(\sum_g N_g, 1)`, the mean over all terms (all
+  valid pairs; all selected triplets);
+- ``"mean_nonzero"``: :math:`\sum_g S_g / \max(A_g, 1)`, the mean over the non-zero
+  terms *per group*, added: for the triplet loss the mean over the active triplets;
+  for the contrastive loss the mean of the non-zero positive-pair terms plus the mean
+  of the non-zero negative-pair terms (pytorch-metric-learning's
+  ``AvgNonZeroReducer`` on its positive and negative losses);
+- ``"sum"``: :math:`\sum_g S_g`;
+- ``"none"``: float32 ``(R,)``, each anchor's sum over its own terms (both groups),
+  with the anchor's numbers of terms and active terms in
+  ``info["anchor_num_selected"]`` and ``info["anchor_num_active"]``. ``R`` is the
+  batch size, or under ``axis_name`` the local batch size: each device returns its
+  own anchors, in order, so concatenating over the axis gives the single-device
+  arrays; ``loss.sum()`` is the ``"sum"`` loss and ``loss.sum() /
+  info["anchor_num_selected"].sum()`` the ``"mean"`` loss (summed over devices under
+  ``axis_name``). The other info entries are the global scalars of every reduction.
+
+:data:`REDUCTIONS` lists the reductions to a scalar (what a training step can
+differentiate); every loss also accepts ``"none"``.
 
 **Data parallelism.** Inside ``jax.shard_map`` or ``jax.pmap`` pass the mapped axis
 name as ``axis_name``: each device gives its local shard, the embeddings, labels and
@@ -12,7 +48,9 @@ batch, and partial sums are ``psum``-ed. The returned loss equals the single-dev
 on the concatenated batch, and its gradient with respect to each device's local
 embeddings is that shard's slice of the single-device gradient (``all_gather``
 transposes to a reduce-scatter). The gradient of replicated parameters on one device
-is therefore that device's *contribution*; sum it over the axis.
+is therefore that device's *contribution*; sum it over the axis. With
+``reduction="none"`` differentiate each device's ``loss.sum()``: the gradient reaching
+each shard is then that of the global sum.
 
 **Padding.** ``valid`` (bool (B,)) marks real rows; padded rows take part in no pair.
 They are replaced by zeros before any arithmetic, so whatever they hold (stale data,
@@ -21,21 +59,15 @@ NaN, inf) changes neither the loss, nor the info, nor any gradient (a masked-out
 
 **Non-finite inputs: NaN in, NaN out.** If any *valid* row of the (global) batch holds
 a NaN or ±inf (after the cast to float32), the loss is NaN, on every device, under
-``jit``, ``vmap`` and ``axis_name`` alike; padded rows never count (above). Without
-this rule the masks swallow such a row while the gradient is NaN, and a run that stops
-on a non-finite *loss* goes on with NaN parameters. A NaN row gives NaN squared
-distances; an inf row gives a mix of +inf and NaN (``inf - inf`` in the Gram
-construction). Then:
-
-- :func:`~jaxmetric.distances.safe_sqrt` keeps ``d > 0`` only, so a NaN squared
-  distance becomes a Euclidean distance of 0: the contrastive loss (any reduction and
-  power) and every triplet mode with ``squared=False`` come out finite;
-- +inf distances vanish in ``relu(m - d) = 0`` (contrastive negatives) and are never
-  the ``min`` picked as closest negative (``"hardest_negative"``, ``"batch_hard"``,
-  ``"semihard_facenet"``, whose sort keys also map NaN to 0);
-- what did show NaN (every squared triplet mode, the windowed modes with inf rows) did
-  so by accident: ``min`` propagating NaN, or ``w * d`` summed over whole rows where
-  ``0 * NaN = NaN`` — which also let a NaN in a *padded* row poison those losses.
+``jit``, ``vmap`` and ``axis_name`` alike, for every distance and reduction
+(``"none"``: every anchor's value); padded rows never count (above). Without this
+rule the masks would swallow such a row while the gradient is NaN, and a run that
+stops on a non-finite *loss* would go on with NaN parameters. Whether a bad row shows
+in the loss by itself depends on accidents of the arithmetic: a NaN squared distance
+becomes an ``"l2"`` distance of 0 in :func:`~jaxmetric.distances.safe_sqrt`, +inf
+distances vanish in ``relu(m - d) = 0`` and are never the ``min`` picked as the
+closest negative, the sort keys of the mining map NaN to 0, while ``min`` and the
+weighted sums ``w * d`` (``0 * NaN = NaN``) do propagate NaN.
 
 So the rule is applied once, at the end, by one helper, rather than by chasing every
 mask:
@@ -66,25 +98,30 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
-from jaxmetric import distances, mining
+from jaxmetric import distances
+from jaxmetric import mining as mining_lib
 from jaxmetric.parallel import varying_axes
 from jaxmetric.utils import check_choice
 
 __all__ = ["contrastive_loss", "triplet_loss", "MINING_MODES", "REDUCTIONS"]
 
-MINING_MODES = (
-    "all", "hard", "semihard", "easy", "hardest_negative", "batch_hard", "semihard_facenet",
-)
-REDUCTIONS = ("mean", "mean_nonzero", "sum")
+MINING_MODES: tuple[str, ...] = mining_lib.MODES
+"""The names of the built-in mining modes (:data:`jaxmetric.mining.STRATEGIES`)."""
 
-# Rows of the (anchors × batch) distance matrix mined at once: bounds the sort's
-# working memory to a few hundred MiB whatever the batch size.
-_CHUNK_ELEMENTS = 1 << 22
+REDUCTIONS: tuple[str, ...] = ("mean", "mean_nonzero", "sum")
+"""The reductions to a scalar loss; every loss also accepts ``"none"`` (per anchor)."""
+
+_ANY_REDUCTION = REDUCTIONS + ("none",)
+
+Info = dict[str, jax.Array]
 
 
 class _Batch(NamedTuple):
@@ -98,6 +135,14 @@ class _Batch(NamedTuple):
     labels: jax.Array         # (B,)
     valid: jax.Array          # bool (B,)
     nan_if_nonfinite: jax.Array  # float32 () NaN if a valid row anywhere is non-finite, else 0
+
+
+class _Terms(NamedTuple):
+    """One group of loss terms summed per anchor: float32 (R,) each."""
+
+    loss: jax.Array      # sum of the anchor's terms
+    selected: jax.Array  # number of terms
+    active: jax.Array    # number of non-zero terms
 
 
 # ----------------------------------------------------------------------------- checks
@@ -126,6 +171,26 @@ def _static_margin(margin) -> float:
     if not m >= 0:
         raise ValueError(f"margin must be >= 0; got {margin}")
     return m
+
+
+def _strategy(mining) -> mining_lib.Strategy:
+    if callable(mining):
+        return mining
+    check_choice("mining", mining, MINING_MODES)
+    return mining_lib.STRATEGIES[mining]
+
+
+def _triplet_distance(distance, squared):
+    """The triplet loss's distance from ``distance`` and the deprecated ``squared``."""
+    if squared is None:
+        return "squared_l2" if distance is None else distance
+    alias = "squared_l2" if squared else "l2"
+    if distance is None or (isinstance(distance, str) and distance == alias):
+        return alias
+    raise ValueError(
+        f"squared={squared!r} (deprecated) means distance={alias!r}, but "
+        f"distance={distance!r} was given; pass distance only"
+    )
 
 
 def _check_inputs(embeddings, labels, valid):
@@ -180,18 +245,26 @@ def _gather_batch(embeddings, labels, valid, axis_name) -> _Batch:
     return batch
 
 
-def _pair_rows(b: _Batch, label, valid, index):
-    """Positive and negative masks of one anchor against the global batch."""
-    columns = jnp.arange(b.labels.shape[0], dtype=jnp.int32)
-    both = valid & b.valid
-    same = b.labels == label
-    return same & (columns != index) & both, ~same & both
+def _distance_matrix(b: _Batch, distance) -> jax.Array:
+    """float32 (R, B) distances of the anchors to the batch."""
+    d = jnp.asarray(distances.resolve(distance)(b.anchors, b.batch))
+    chex.assert_shape(d, (b.anchors.shape[0], b.batch.shape[0]),
+                      custom_message="distance must map (R, D), (B, D) to (R, B)")
+    if not jnp.issubdtype(d.dtype, jnp.floating):
+        raise TypeError(f"distance must return floating-point values; got dtype {d.dtype}")
+    return d.astype(jnp.float32)
 
 
 def _pair_masks(b: _Batch):
-    return jax.vmap(lambda l, v, i: _pair_rows(b, l, v, i))(
-        b.anchor_labels, b.anchor_valid, b.anchor_index
-    )
+    """Positive and negative masks of the anchors against the global batch, bool (R, B)."""
+    columns = jnp.arange(b.labels.shape[0], dtype=jnp.int32)
+    both = b.anchor_valid[:, None] & b.valid[None, :]
+    same = b.anchor_labels[:, None] == b.labels[None, :]
+    not_self = b.anchor_index[:, None] != columns[None, :]
+    return same & not_self & both, ~same & both
+
+
+# ------------------------------------------------------------------------ reductions
 
 
 def _total(x, axis_name):
@@ -213,15 +286,44 @@ def _total(x, axis_name):
     return s + jax.lax.stop_gradient(jax.lax.psum(s, axis_name) - s)
 
 
-def _reduce(loss_sum, num_selected, num_active, reduction):
-    if reduction == "sum":
-        return loss_sum
-    denominator = num_selected if reduction == "mean" else num_active
-    return loss_sum / jnp.maximum(denominator, 1.0)
+def _count(mask, axis=None):
+    """Number of True entries, exact in int32, as float32."""
+    return jnp.sum(mask, axis=axis, dtype=jnp.int32).astype(jnp.float32)
+
+
+def _row_terms(terms, mask) -> _Terms:
+    """Per-anchor sums of the (R, B) ``terms`` (zero outside ``mask``)."""
+    return _Terms(jnp.sum(terms, axis=1), _count(mask, 1), _count(terms > 0, 1))
 
 
 def _safe_mean(total, count):
     return total / jnp.maximum(count, 1.0)
+
+
+def _reduce(groups: Sequence[_Terms], reduction: str, axis_name):
+    """The loss of ``groups`` under ``reduction`` (module docstring) and their totals.
+
+    Returns ``(loss, totals)``: ``loss`` a float32 scalar, or (R,) for ``"none"``;
+    ``totals[g] = (S_g, N_g, A_g)`` the global sum, number and number of active terms
+    of group ``g``, float32 scalars.
+    """
+    totals = [tuple(_total(x, axis_name) for x in g) for g in groups]
+    if reduction == "none":
+        loss = sum(g.loss for g in groups)
+    elif reduction == "sum":
+        loss = sum(s for s, _, _ in totals)
+    elif reduction == "mean":
+        loss = _safe_mean(sum(s for s, _, _ in totals), sum(n for _, n, _ in totals))
+    else:  # mean_nonzero
+        loss = sum(_safe_mean(s, a) for s, _, a in totals)
+    return loss, totals
+
+
+def _anchor_info(groups: Sequence[_Terms]) -> Info:
+    return {
+        "anchor_num_selected": sum(g.selected for g in groups),
+        "anchor_num_active": sum(g.active for g in groups),
+    }
 
 
 def _nan_if_nonfinite(embeddings, axis_name):
@@ -245,20 +347,21 @@ def _propagate_nonfinite(b: _Batch, loss, info, exact_keys):
 
 
 def contrastive_loss(
-    embeddings,
-    labels,
+    embeddings: ArrayLike,
+    labels: ArrayLike,
     *,
-    margin=1.0,
-    pos_margin=0.0,
-    power=2,
+    margin: float = 1.0,
+    pos_margin: float = 0.0,
+    power: float = 2,
+    distance: str | distances.DistanceFn = "l2",
     reduction: str = "mean",
-    valid=None,
+    valid: ArrayLike | None = None,
     axis_name=None,
-):
+) -> tuple[jax.Array, Info]:
     r"""Pairwise contrastive loss (Hadsell et al. 2006; the lecture's section 2).
 
-    Over every ordered pair (i, j), i != j, of valid rows with Euclidean distance
-    :math:`d_{ij} = \|x_i - x_j\|_2`:
+    Over every ordered pair (i, j), i != j, of valid rows with distance
+    :math:`d_{ij}` (Euclidean by default):
 
     .. math::
         \ell_{ij} = \begin{cases}
@@ -276,42 +379,55 @@ def contrastive_loss(
       margin: negative pairs closer than this are penalised.
       pos_margin: positive pairs farther than this are penalised.
       power: exponent ``p`` of each term (> 0).
+      distance: ``"l2"`` (default), ``"squared_l2"``, ``"cosine"`` or a callable
+        (module docstring); the margins are in its units.
       reduction: ``"mean"`` over all valid pairs; ``"mean_nonzero"`` averages the
         non-zero positive terms and the non-zero negative terms separately and adds
-        the two means (PML's ``AvgNonZeroReducer``); ``"sum"``.
+        the two means (PML's ``AvgNonZeroReducer``); ``"sum"``; ``"none"``: each
+        anchor's sum over its pairs (module docstring).
       valid: optional bool (B,) mask of real (non-padding) rows; padded rows may hold
         anything, NaN and inf included.
       axis_name: mapped axis to mine across (see module docstring).
 
     Returns:
-      ``(loss, info)``: float32 scalar; info holds ``num_pos_pairs``,
-      ``num_neg_pairs``, ``num_active_pos_pairs``, ``num_active_neg_pairs``,
-      ``active_fraction`` (non-zero pairs / valid pairs), ``mean_pos_distance``,
-      ``mean_neg_distance``. A NaN or inf in a valid row makes the loss and all but
-      the two pair counts NaN (module docstring).
+      ``(loss, info)``: float32 scalar (``"none"``: (R,)); info holds
+      ``num_pos_pairs``, ``num_neg_pairs``, ``num_active_pos_pairs``,
+      ``num_active_neg_pairs``, ``active_fraction`` (non-zero pairs / valid pairs),
+      ``mean_pos_distance``, ``mean_neg_distance``, and with ``"none"``
+      ``anchor_num_selected`` (valid pairs of each anchor) and ``anchor_num_active``.
+      A NaN or inf in a valid row makes the loss and all but the two pair counts NaN
+      (module docstring).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxmetric import losses
+      >>> emb = jnp.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
+      >>> labels = jnp.array([0, 0, 1, 1])
+      >>> loss, info = losses.contrastive_loss(emb, labels, margin=1.0)
+      >>> print(f"{loss:.4f}", info["num_pos_pairs"], info["num_neg_pairs"])
+      0.1352 4.0 8.0
+      >>> per_anchor, _ = losses.contrastive_loss(emb, labels, distance="cosine",
+      ...                                         reduction="none")
+      >>> per_anchor.shape
+      (4,)
     """
-    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("reduction", reduction, _ANY_REDUCTION)
     _check_number("margin", margin, minimum=0.0)
     _check_number("pos_margin", pos_margin, minimum=0.0)
     _check_number("power", power, positive=True)
+    distances.resolve(distance)  # a bad name fails before any work
     b = _gather_batch(embeddings, labels, valid, axis_name)
-    d = distances.cross_euclidean_distances(b.anchors, b.batch)
+    d = _distance_matrix(b, distance)
     pos, neg = _pair_masks(b)
 
     pos_terms = jnp.where(pos, jax.nn.relu(d - pos_margin) ** power, 0.0)
     neg_terms = jnp.where(neg, jax.nn.relu(margin - d) ** power, 0.0)
+    groups = (_row_terms(pos_terms, pos), _row_terms(neg_terms, neg))
+    loss, ((_, num_pos, active_pos), (_, num_neg, active_neg)) = _reduce(
+        groups, reduction, axis_name
+    )
+
     total = lambda x: _total(x, axis_name)  # noqa: E731
-    num_pos, num_neg = total(pos), total(neg)
-    active_pos, active_neg = total(pos_terms > 0), total(neg_terms > 0)
-    pos_sum, neg_sum = total(pos_terms), total(neg_terms)
-
-    if reduction == "mean":
-        loss = _safe_mean(pos_sum + neg_sum, num_pos + num_neg)
-    elif reduction == "mean_nonzero":
-        loss = _safe_mean(pos_sum, active_pos) + _safe_mean(neg_sum, active_neg)
-    else:
-        loss = pos_sum + neg_sum
-
     info = {
         "num_pos_pairs": num_pos,
         "num_neg_pairs": num_neg,
@@ -321,103 +437,36 @@ def contrastive_loss(
         "mean_pos_distance": _safe_mean(total(jnp.where(pos, d, 0.0)), num_pos),
         "mean_neg_distance": _safe_mean(total(jnp.where(neg, d, 0.0)), num_neg),
     }
+    if reduction == "none":
+        info.update(_anchor_info(groups))
     return _propagate_nonfinite(b, loss, info, ("num_pos_pairs", "num_neg_pairs"))
 
 
 # ---------------------------------------------------------------------------- triplet
 
 
-def _chunked_rows(fn, d, b: _Batch):
-    """``fn(d_row, pos_row, neg_row)`` over every anchor, a bounded chunk at a time."""
-
-    def per_anchor(args):
-        d_row, label, valid, index = args
-        pos, neg = _pair_rows(b, label, valid, index)
-        return fn(d_row, pos, neg)
-
-    chunk = max(1, min(d.shape[0], _CHUNK_ELEMENTS // d.shape[1]))
-    args = (d, b.anchor_labels, b.anchor_valid, b.anchor_index)
-    return jax.lax.map(per_anchor, args, batch_size=chunk)
-
-
-def _window_sum(d, b, *, shift, strict):
-    """(weights, count) rows of :func:`mining.window_weights`, without gradient."""
-    fn = lambda r, p, n: mining.window_weights(r, p, n, shift=shift, strict=strict)  # noqa: E731
-    w, count = _chunked_rows(fn, jax.lax.stop_gradient(d), b)
-    return jax.lax.stop_gradient(w.astype(jnp.float32)), count
-
-
-def _windowed_triplets(d, b, mining_mode, margin, num_valid, axis_name):
-    """loss sum, #selected, #active for the prefix-window modes (exact, no B³)."""
-    total = lambda x: _total(x, axis_name)  # noqa: E731
-    zero = jnp.float32(0.0)
-    if mining_mode == "semihard" and margin == 0:  # the window d_p < d_n < d_p is empty
-        return total(0.0 * d), zero, zero
-    if mining_mode in ("all", "semihard", "easy"):
-        w_all, c_all = _window_sum(d, b, shift=margin, strict=True)
-    if mining_mode in ("hard", "semihard"):
-        w_hard, c_hard = _window_sum(d, b, shift=0.0, strict=False)
-
-    if mining_mode == "all":
-        return total(w_all * d) + margin * total(c_all), num_valid, total(c_all)
-    if mining_mode == "easy":
-        # Easy negatives satisfy d_n >= d_p + m, so every term relu(d_p - d_n + m) is 0.
-        return total(0.0 * d), num_valid - total(c_all), zero
-    if mining_mode == "hard":
-        loss_sum = total(w_hard * d) + margin * total(c_hard)
-        if margin > 0:
-            return loss_sum, total(c_hard), total(c_hard)
-        _, c_strict = _window_sum(d, b, shift=0.0, strict=True)  # ties give 0 at m = 0
-        return loss_sum, total(c_hard), total(c_strict)
-    # semihard: d_p < d_n < d_p + m is the "all" window minus the "hard" window.
-    c = total(c_all) - total(c_hard)
-    return total((w_all - w_hard) * d) + margin * c, c, c
-
-
-def _hardest_triplets(d, pos, neg, b, mining_mode, margin, axis_name):
-    """loss sum, #selected, #active for the modes that pick one negative per pair."""
-    total = lambda x: _total(x, axis_name)  # noqa: E731
-    big = jnp.float32(jnp.finfo(jnp.float32).max)
-    has_pos = jnp.any(pos, axis=1)
-    has_neg = jnp.any(neg, axis=1)
-    closest_neg = jnp.min(jnp.where(neg, d, big), axis=1)
-    if mining_mode == "batch_hard":
-        farthest_pos = jnp.max(jnp.where(pos, d, 0.0), axis=1)
-        selected = has_pos & has_neg
-        terms = jnp.where(selected, jax.nn.relu(farthest_pos - closest_neg + margin), 0.0)
-    else:
-        if mining_mode == "hardest_negative":
-            d_neg = jnp.broadcast_to(closest_neg[:, None], d.shape)
-        else:  # semihard_facenet
-            index, found = _chunked_rows(mining.next_negative_index, jax.lax.stop_gradient(d), b)
-            farthest_index = jnp.argmax(jnp.where(neg, d, -1.0), axis=1)
-            index = jnp.where(found, index, farthest_index[:, None])
-            d_neg = jnp.take_along_axis(d, jax.lax.stop_gradient(index), axis=1)
-        selected = pos & has_neg[:, None]
-        terms = jnp.where(selected, jax.nn.relu(d - d_neg + margin), 0.0)
-    return total(terms), total(selected), total(terms > 0)
-
-
 def triplet_loss(
-    embeddings,
-    labels,
+    embeddings: ArrayLike,
+    labels: ArrayLike,
     *,
-    margin=0.2,
-    mining: str = "all",
-    squared: bool = True,
+    margin: float = 0.2,
+    mining: str | mining_lib.Strategy = "all",
+    distance: str | distances.DistanceFn | None = None,
     reduction: str = "mean",
-    valid=None,
+    valid: ArrayLike | None = None,
     axis_name=None,
-):
+    squared: bool | None = None,
+) -> tuple[jax.Array, Info]:
     r"""Triplet margin loss with batch mining (Schroff et al. 2015; lecture section 3).
 
     For a triplet (anchor a, positive p, negative n) with distance ``d``:
 
     .. math::  \ell_{apn} = [\,d(a, p) - d(a, n) + m\,]_+
 
-    where ``d`` is the squared Euclidean distance if ``squared`` (the lecture) and the
-    Euclidean distance otherwise. A valid triplet has distinct valid rows with
-    ``y_a = y_p != y_n``. ``mining`` chooses the triplets:
+    where ``d`` is the squared Euclidean distance by default (FaceNet, the lecture).
+    A valid triplet has distinct valid rows with ``y_a = y_p != y_n``. ``mining``
+    chooses the triplets (:data:`MINING_MODES`, one function each in
+    :data:`jaxmetric.mining.STRATEGIES`):
 
     - ``"all"``: every valid triplet;
     - ``"hard"``: ``d(a,n) <= d(a,p)``;
@@ -430,56 +479,67 @@ def triplet_loss(
     - ``"semihard_facenet"``: each (a, p) with the closest negative farther than p,
       else the farthest negative (FaceNet / TF-Addons).
 
-    The first four are exact sums over all their triplets computed in O(B² log B) time
-    and O(B²) memory with no B×B×B tensor (see :mod:`jaxmetric.mining`).
+    Each mode gives, per anchor, weights ``w`` over the batch and its counts, and the
+    anchor's loss is ``sum_j w_j d(a, j) + m * num_active`` (:mod:`jaxmetric.mining`):
+    a weighted sum of the distance matrix whose weights are its exact gradient. The
+    first four are exact sums over all their triplets computed in O(B² log B) time
+    and O(B²) memory with no B×B×B tensor.
 
     Args:
       embeddings: (B, D) float embeddings (any float dtype; computed in float32).
       labels: (B,) integer class labels.
-      margin: the margin ``m`` >= 0, a concrete Python number.
-      mining: one of :data:`MINING_MODES`.
-      squared: squared Euclidean (True) or Euclidean (False) distance.
+      margin: the margin ``m`` >= 0, a concrete Python number, in the distance's units.
+      mining: one of :data:`MINING_MODES`, or a per-anchor function with the contract
+        of :data:`jaxmetric.mining.STRATEGIES`.
+      distance: ``"squared_l2"`` (default), ``"l2"``, ``"cosine"`` or a callable
+        (module docstring).
       reduction: ``"mean"`` over the selected triplets (0 when none),
-        ``"mean_nonzero"`` over the selected triplets with a non-zero loss, ``"sum"``.
+        ``"mean_nonzero"`` over the selected triplets with a non-zero loss, ``"sum"``,
+        ``"none"``: each anchor's sum over its triplets (module docstring).
       valid: optional bool (B,) mask of real (non-padding) rows; padded rows may hold
         anything, NaN and inf included.
       axis_name: mapped axis to mine across (see module docstring).
+      squared: deprecated alias of ``distance``: True is ``"squared_l2"``, False is
+        ``"l2"``; giving both inconsistently raises ``ValueError``.
 
     Returns:
-      ``(loss, info)``: float32 scalar; info holds ``num_valid_triplets``,
-      ``num_selected_triplets``, ``num_active_triplets``, ``active_fraction``
-      (active / selected), ``num_pos_pairs``, ``num_neg_pairs``,
-      ``mean_pos_distance``, ``mean_neg_distance``. Counts are float32 (exact to 2²⁴,
-      then rounded; an int32 count would overflow near B = 2,900 for "all" over
+      ``(loss, info)``: float32 scalar (``"none"``: (R,)); info holds
+      ``num_valid_triplets``, ``num_selected_triplets``, ``num_active_triplets``,
+      ``active_fraction`` (active / selected), ``num_pos_pairs``, ``num_neg_pairs``,
+      ``mean_pos_distance``, ``mean_neg_distance``, and with ``"none"``
+      ``anchor_num_selected`` and ``anchor_num_active``. Counts are float32 (exact to
+      2²⁴, then rounded; an int32 count would overflow near B = 2,900 for "all" over
       10 classes). A NaN or inf in a valid row makes the loss and every entry but
       ``num_valid_triplets``, ``num_pos_pairs`` and ``num_neg_pairs`` NaN (module
       docstring).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxmetric import losses
+      >>> emb = jnp.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
+      >>> labels = jnp.array([0, 0, 1, 1])
+      >>> loss, info = losses.triplet_loss(emb, labels, margin=0.5, mining="semihard")
+      >>> print(f"{loss:.4f}", info["num_valid_triplets"], info["num_selected_triplets"])
+      0.1000 8.0 2.0
     """
-    check_choice("mining", mining, MINING_MODES)
-    check_choice("reduction", reduction, REDUCTIONS)
+    strategy = _strategy(mining)
+    check_choice("reduction", reduction, _ANY_REDUCTION)
     margin = _static_margin(margin)
+    distance = _triplet_distance(distance, squared)
+    distances.resolve(distance)
     b = _gather_batch(embeddings, labels, valid, axis_name)
-    d = distances.cross_squared_distances(b.anchors, b.batch)
-    if not squared:
-        d = distances.safe_sqrt(d)
+    d = _distance_matrix(b, distance)
     pos, neg = _pair_masks(b)
+
+    mined = mining_lib.mine(strategy, d, pos, neg, margin=margin)
+    anchor_loss = jnp.sum(mined.weights * d, axis=1) + margin * mined.num_active
+    groups = (_Terms(anchor_loss, mined.num_selected, mined.num_active),)
+    loss, ((_, num_selected, num_active),) = _reduce(groups, reduction, axis_name)
 
     total = lambda x: _total(x, axis_name)  # noqa: E731
     num_pos, num_neg = total(pos), total(neg)
     # Per-anchor products fit int32 (B²/4); the sum over anchors may not: float32.
-    per_anchor = jnp.sum(pos, axis=1).astype(jnp.float32) * jnp.sum(neg, axis=1)
-    num_valid = total(per_anchor)
-
-    if mining in ("all", "hard", "semihard", "easy"):
-        loss_sum, num_selected, num_active = _windowed_triplets(
-            d, b, mining, margin, num_valid, axis_name
-        )
-    else:
-        loss_sum, num_selected, num_active = _hardest_triplets(
-            d, pos, neg, b, mining, margin, axis_name
-        )
-
-    loss = _reduce(loss_sum, num_selected, num_active, reduction)
+    num_valid = total(_count(pos, 1) * _count(neg, 1))
     info = {
         "num_valid_triplets": num_valid,
         "num_selected_triplets": num_selected,
@@ -490,5 +550,7 @@ def triplet_loss(
         "mean_pos_distance": _safe_mean(total(jnp.where(pos, d, 0.0)), num_pos),
         "mean_neg_distance": _safe_mean(total(jnp.where(neg, d, 0.0)), num_neg),
     }
+    if reduction == "none":
+        info.update(_anchor_info(groups))
     exact = ("num_valid_triplets", "num_pos_pairs", "num_neg_pairs")
     return _propagate_nonfinite(b, loss, info, exact)

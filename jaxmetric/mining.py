@@ -1,5 +1,35 @@
-"""Triplet mining per anchor, vmapped over the batch, without any B×B×B tensor.
+r"""Triplet mining: one pure function per mode, applied anchor by anchor, no B×B×B tensor.
 
+**The strategy contract.** A mining mode is a function of *one* anchor's row,
+
+    strategy(d, pos, neg, *, margin) -> Mined(weights, num_selected, num_active)
+
+with ``d`` float32 (B,) the anchor's distances to every row of the (global) batch
+(>= 0, without gradient), ``pos`` / ``neg`` bool (B,) its positives and negatives
+(disjoint; the anchor itself and padded rows are in neither) and ``margin`` a Python
+float >= 0. It returns fixed-shape results whatever the labels:
+
+- ``weights``: float32 (B,), non-zero only on ``pos | neg``, such that the anchor's
+  loss over the triplets the mode selects is
+
+  .. math::  L_a = \sum_{(p, n) \text{ selected}} [\,d_p - d_n + m\,]_+
+                 = \sum_j w_j\, d_j + m \cdot \mathrm{num\_active}
+
+  and ``w`` is also the gradient of :math:`L_a` with respect to ``d`` (the selection
+  is piecewise constant in ``d``; each active triplet puts +1 on p and -1 on n);
+- ``num_selected``, ``num_active``: float32 scalars, the triplets the mode selects
+  and those among them with a positive loss.
+
+:data:`STRATEGIES` maps each mode's name to its function (the names are
+:data:`MODES`); :func:`mine` applies one to every anchor, a bounded chunk of rows at
+a time. :func:`jaxmetric.losses.triplet_loss` turns the result into
+``sum(weights * d) + margin * num_active`` per anchor, so the loss is a weighted sum of
+the distance matrix and nothing is differentiated through a sort or an ``argmin``. A
+new mode is one function here with the :func:`_strategy` decorator (and one case in
+the tests' Python-loop oracle); a callable with this signature can also be passed
+as ``triplet_loss(mining=...)`` directly.
+
+**The window modes.**
 For one anchor ``a`` let ``d_p`` be its distances to its positives and ``d_n`` its
 distances to its negatives. The lecture (Kak & Bouman, section 3) splits the negatives
 of an (anchor, positive) pair by a margin ``m``:
@@ -34,30 +64,50 @@ permutation is found with two stable passes of a single-operand uint32 sort
 (LSD radix on 16-bit halves with the row index packed in the low 16 bits); XLA's
 single-operand integer sort is several times faster on CPU than a multi-operand or
 NaN-aware float sort, and this limits a row to 65,536 entries.
+
+**The one-negative modes** (``hardest_negative``, ``batch_hard``,
+``semihard_facenet``) pick, per positive or per anchor, one negative by a ``min`` /
+``max`` / sort and write +1 / -1 weights for each active triplet. Where several
+entries tie for a ``min`` or ``max``, the weight is shared equally among them (the
+gradient ``jnp.min`` / ``jnp.max`` would give).
 """
 
 from __future__ import annotations
 
+from types import MappingProxyType
+from typing import Callable, NamedTuple
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
     "MAX_ROW_LENGTH",
+    "MODES",
+    "Mined",
+    "STRATEGIES",
+    "Strategy",
+    "mine",
+    "next_negative_index",
     "sort_permutation",
     "window_weights",
-    "next_negative_index",
 ]
 
 MAX_ROW_LENGTH = 1 << 16
+# Rows of the (anchors × batch) distance matrix mined at once: bounds the sort's
+# working memory to a few hundred MiB whatever the batch size.
+_CHUNK_ELEMENTS = 1 << 22
 _LOW16 = np.uint32(0xFFFF)  # numpy: importing must not start a JAX backend
 
 
 def sort_permutation(keys: jax.Array) -> jax.Array:
-    """Indices that sort a uint32 row ascending (ties in any order). int32 (n,).
+    """Indices that sort a uint32 row ascending, stably (ties keep index order). int32 (n,).
 
     Two single-operand sorts: first by the low 16 bits with the index packed in, then
-    (stably, by packing the first pass's position) by the high 16 bits.
+    (stably, by packing the first pass's position) by the high 16 bits. Equal to
+    ``np.argsort(keys, kind="stable")``; rows longer than :data:`MAX_ROW_LENGTH`
+    raise ``ValueError``.
     """
     n = keys.shape[-1]
     if n > MAX_ROW_LENGTH:
@@ -130,3 +180,165 @@ def next_negative_index(d, pos, neg):
     index = jnp.zeros((n,), jnp.int32).at[perm].set(index_sorted, unique_indices=True)
     found = jnp.zeros((n,), bool).at[perm].set(found_sorted, unique_indices=True)
     return index, found
+
+
+# --------------------------------------------------------------------- the strategies
+
+
+class Mined(NamedTuple):
+    """A strategy's result: for one anchor, or stacked over anchors by :func:`mine`."""
+
+    weights: jax.Array       # float32 (B,): loss = sum(weights * d) + margin * num_active
+    num_selected: jax.Array  # float32 (): triplets the mode selects
+    num_active: jax.Array    # float32 (): selected triplets with a positive loss
+
+
+Strategy = Callable[..., Mined]  # (d, pos, neg, *, margin: float) -> Mined
+
+_STRATEGIES: dict[str, Strategy] = {}
+
+STRATEGIES: "MappingProxyType[str, Strategy]" = MappingProxyType(_STRATEGIES)
+"""Mining mode name -> per-anchor strategy (read-only; the contract is in the module
+docstring)."""
+
+
+def _strategy(name: str):
+    """Registers the decorated per-anchor function as mining mode ``name``."""
+
+    def register(fn: Strategy) -> Strategy:
+        if name in _STRATEGIES:
+            raise ValueError(f"mining mode {name!r} is registered twice")
+        _STRATEGIES[name] = fn
+        return fn
+
+    return register
+
+
+def _mined(weights, num_selected, num_active) -> Mined:
+    f32 = lambda x: jnp.asarray(x).astype(jnp.float32)  # noqa: E731
+    return Mined(f32(weights), f32(num_selected), f32(num_active))
+
+
+def _nothing(d) -> Mined:
+    return _mined(jnp.zeros_like(d), 0, 0)
+
+
+def _num_triplets(pos, neg):
+    """Valid triplets of the anchor, exact in int32 (at most B²/4 = 2³⁰ at B = 2¹⁶)."""
+    return jnp.sum(pos, dtype=jnp.int32) * jnp.sum(neg, dtype=jnp.int32)
+
+
+def _share(mask):
+    """``mask`` as float32 weights summing to 1 (0 if empty): a tie split equally."""
+    m = mask.astype(jnp.float32)
+    return m / jnp.maximum(jnp.sum(m), 1.0)
+
+
+@_strategy("all")
+def _all(d, pos, neg, *, margin: float) -> Mined:
+    """Every valid triplet. The active ones, ``d_n < d_p + m``, are one prefix window."""
+    w, count = window_weights(d, pos, neg, shift=margin, strict=True)
+    return _mined(w, _num_triplets(pos, neg), count)
+
+
+@_strategy("hard")
+def _hard(d, pos, neg, *, margin: float) -> Mined:
+    """``d_n <= d_p``: the window with shift 0, not strict.
+
+    All of them are active when ``m > 0``; at ``m = 0`` the ties ``d_n = d_p`` have a
+    zero loss (their +1 / -1 weights cancel in value), so the active ones are the
+    strict window, counted by a second sort.
+    """
+    w, count = window_weights(d, pos, neg, shift=0.0, strict=False)
+    if margin > 0:
+        return _mined(w, count, count)
+    _, active = window_weights(d, pos, neg, shift=0.0, strict=True)
+    return _mined(w, count, active)
+
+
+@_strategy("semihard")
+def _semihard(d, pos, neg, *, margin: float) -> Mined:
+    """``d_p < d_n < d_p + m``: the "all" window minus the "hard" window; all active."""
+    if margin == 0:  # the window d_p < d_n < d_p is empty
+        return _nothing(d)
+    w_all, c_all = window_weights(d, pos, neg, shift=margin, strict=True)
+    w_hard, c_hard = window_weights(d, pos, neg, shift=0.0, strict=False)
+    count = c_all - c_hard
+    return _mined(w_all - w_hard, count, count)
+
+
+@_strategy("easy")
+def _easy(d, pos, neg, *, margin: float) -> Mined:
+    """``d_n >= d_p + m``: the complement of the "all" window; every loss is 0."""
+    _, c_all = window_weights(d, pos, neg, shift=margin, strict=True)
+    return _mined(jnp.zeros_like(d), _num_triplets(pos, neg) - c_all, 0)
+
+
+def _closest(d, mask):
+    return jnp.min(jnp.where(mask, d, jnp.finfo(jnp.float32).max))
+
+
+@_strategy("hardest_negative")
+def _hardest_negative(d, pos, neg, *, margin: float) -> Mined:
+    """Each positive with the anchor's closest negative ``n*``: ``[d_p - d_{n*} + m]_+``."""
+    closest = _closest(d, neg)
+    has_neg = jnp.any(neg)
+    active = pos & has_neg & (d - closest + margin > 0)
+    num_active = jnp.sum(active, dtype=jnp.int32)
+    w = active - num_active * _share(neg & (d == closest))
+    return _mined(w, jnp.sum(pos, dtype=jnp.int32) * has_neg, num_active)
+
+
+@_strategy("batch_hard")
+def _batch_hard(d, pos, neg, *, margin: float) -> Mined:
+    """One triplet per anchor: its farthest positive and closest negative (Hermans et al.)."""
+    farthest = jnp.max(jnp.where(pos, d, 0.0))
+    closest = _closest(d, neg)
+    selected = jnp.any(pos) & jnp.any(neg)
+    active = selected & (farthest - closest + margin > 0)
+    w = active * (_share(pos & (d == farthest)) - _share(neg & (d == closest)))
+    return _mined(w, selected, active)
+
+
+@_strategy("semihard_facenet")
+def _semihard_facenet(d, pos, neg, *, margin: float) -> Mined:
+    """Each positive with the closest negative strictly farther than it, else the
+    anchor's farthest negative (FaceNet; TF-Addons' ``triplet_semihard_loss``)."""
+    index, found = next_negative_index(d, pos, neg)
+    farthest = jnp.argmax(jnp.where(neg, d, -1.0)).astype(jnp.int32)
+    index = jnp.where(found, index, farthest)
+    selected = pos & jnp.any(neg)
+    active = selected & (d - jnp.take(d, index) + margin > 0)
+    w = active - jnp.zeros(d.shape, jnp.int32).at[index].add(active.astype(jnp.int32))
+    return _mined(w, jnp.sum(selected, dtype=jnp.int32), jnp.sum(active, dtype=jnp.int32))
+
+
+MODES: tuple[str, ...] = tuple(STRATEGIES)
+"""The built-in mining modes, in registration order."""
+
+
+def mine(strategy: Strategy, d: jax.Array, pos: jax.Array, neg: jax.Array, *,
+         margin: float) -> Mined:
+    """Applies a per-anchor ``strategy`` to every row of ``d``.
+
+    Args:
+      strategy: a :data:`STRATEGIES` value or any function with that contract.
+      d: float32 (R, B) distances of R anchors to the batch (>= 0); mined without
+        gradient.
+      pos, neg: bool (R, B) the anchors' positives and negatives.
+      margin: the margin, a Python float >= 0.
+
+    Returns:
+      :class:`Mined` with float32 ``weights`` (R, B) and counts (R,), without
+      gradient. Rows go through ``strategy`` (vmapped) a chunk of at most 2²² elements
+      at a time, which bounds the sorts' working memory whatever the batch size.
+    """
+    d = jax.lax.stop_gradient(jnp.asarray(d, jnp.float32))
+    rows, cols = d.shape
+    chunk = max(1, min(rows, _CHUNK_ELEMENTS // max(cols, 1)))
+    out = jax.lax.map(lambda a: strategy(*a, margin=margin), (d, pos, neg), batch_size=chunk)
+    weights, num_selected, num_active = out
+    chex.assert_shape(weights, (rows, cols), custom_message="mining weights must be (B,) per anchor")
+    chex.assert_shape([num_selected, num_active], (rows,),
+                      custom_message="mining counts must be scalars per anchor")
+    return Mined(*(jax.lax.stop_gradient(jnp.asarray(x).astype(jnp.float32)) for x in out))
