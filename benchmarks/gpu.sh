@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU measurement in one script: loss kernels, training throughput (bare step vs whole
-# loop) and the two CIFAR-10 runs with ResNet-18, on one GPU (knobs below; the defaults
-# are the recipe for one H100/H200-class GPU, not yet measured on one).
+# loop) and the two CIFAR-10 runs with ResNet-18, on one GPU. The training recipe is the
+# h200 preset (experiments/presets.py: model, dtype, batch, epochs, warm-up, loss ...;
+# h200-contrastive for the contrastive run), for one H100/H200-class GPU, not yet
+# measured on one; this script spells none of it out again.
 #
 # On a GPU machine with internet access, `pip install -e ".[all]"` and run
 #   DATA=/path/to/cifar10 bash benchmarks/gpu.sh
@@ -20,15 +22,11 @@
 set -uo pipefail
 # Knobs (the CPU dry run in README shrinks them):
 OUT=${OUT:-/tmp/jaxmetric-gpu}
-EPOCHS=${EPOCHS:-40}
-WARMUP=${WARMUP:-5}
-MODEL=${MODEL:-resnet18}
-DTYPE=${DTYPE:-bfloat16}
-BATCH=${BATCH:-1024}
-SIZES=${SIZES:-1024 4096 16384}
-STEPS=${STEPS:-100}
-SUBSET=${SUBSET:-}            # e.g. "--max-train 5000 --max-test 1000"
 DATA=${DATA:-data/cifar10-jpeg.tar.xz}
+SIZES=${SIZES:-1024 4096 16384}   # loss kernels: batch sizes
+STEPS=${STEPS:-100}               # throughput: timed steps
+RUN_FLAGS=${RUN_FLAGS:-}          # appended to the preset of each run, e.g. a smaller model
+THROUGHPUT_FLAGS=${THROUGHPUT_FLAGS:-}  # appended to the throughput benchmark's preset
 T_KERNELS=${T_KERNELS:-150}; T_THROUGHPUT=${T_THROUGHPUT:-150}; T_RUN=${T_RUN:-240}  # seconds
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
@@ -48,17 +46,16 @@ timeout $T_KERNELS python3 -m benchmarks.losses --sizes $SIZES --impls jaxmetric
   --modes all semihard batch_hard --large-modes all semihard batch_hard --repeats 5 \
   --json "$OUT/losses-gpu.json"
 
-echo "== throughput ($MODEL, $DTYPE, batch $BATCH) =="
-timeout $T_THROUGHPUT python3 -m benchmarks.throughput --model $MODEL --dtype $DTYPE \
-  --batch-size $BATCH --steps $STEPS --json "$OUT/throughput.json"
+echo "== throughput (preset h200 $THROUGHPUT_FLAGS) =="
+timeout $T_THROUGHPUT python3 -m benchmarks.throughput --preset h200 $THROUGHPUT_FLAGS \
+  --steps $STEPS --json "$OUT/throughput.json"
 
-TRIPLET_FLAGS=${TRIPLET_FLAGS:---mining semihard}   # best of the CPU tuning runs (README)
 for LOSS in triplet contrastive; do
   echo "== CIFAR-10 $LOSS =="
   RUN=/tmp/runs/$LOSS
   rm -rf "$RUN"
-  FLAGS=""; [ "$LOSS" = triplet ] && FLAGS=$TRIPLET_FLAGS
-  CMD="python3 -m experiments.cifar10 --loss $LOSS $FLAGS --model $MODEL --dtype $DTYPE --batch-size $BATCH --epochs $EPOCHS --warmup-epochs $WARMUP --eval-every 10 --checkpoint-every 10 --data-dir $DATA --out $RUN --no-progress $SUBSET"
+  PRESET=h200; [ "$LOSS" = contrastive ] && PRESET=h200-contrastive
+  CMD="python3 -m experiments.cifar10 --preset $PRESET --data-dir $DATA --out $RUN --no-progress $RUN_FLAGS"
   if timeout $T_RUN $CMD; then
     python3 -m benchmarks.collect_run "$RUN" --command "$CMD" --out "$OUT/result-$LOSS.json"
     cp "$RUN/tsne.png" "$OUT/tsne-$LOSS.png"

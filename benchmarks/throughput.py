@@ -1,7 +1,12 @@
 """Training throughput: the bare train step vs the whole training loop.
 
-    python -m benchmarks.throughput --model resnet18 --dtype bfloat16 --batch-size 1024
-    python -m benchmarks.throughput --model homebrew --batch-size 256 --steps 20   # CPU
+    python -m benchmarks.throughput --preset h200     # the GPU recipe (the default)
+    python -m benchmarks.throughput --model homebrew --dtype float32 --batch-size 256 \
+        --steps 20                                     # CPU
+
+The network, dtype, batch and loss come from a preset of ``experiments/presets.py``
+(``--preset``, default ``h200``); ``--model``, ``--dtype``, ``--loss`` and
+``--batch-size`` override it. The run length is fixed here (2 short epochs).
 
 Two numbers, on random uint8 images resident on the devices (CIFAR-10 shaped,
 ``--images`` of them) and every local device:
@@ -31,8 +36,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from experiments.presets import PRESETS
 from jaxmetric import data, train
 from jaxmetric.config import TrainConfig
+
+RUN_LENGTH_FIELDS = ("epochs", "warmup_epochs", "max_train", "max_test", "eval_every",
+                     "checkpoint_every", "data_dir", "out")
+"""Preset fields that do not apply to this short measurement on synthetic data."""
 
 
 def _synthetic(n: int, seed: int = 0) -> data.Dataset:
@@ -74,23 +84,31 @@ def whole_loop(config: TrainConfig, dataset, mesh) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--loss", default="triplet")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="h200",
+                   help="the training recipe to measure (experiments/presets.py)")
+    p.add_argument("--model", help="override the preset's network")
+    p.add_argument("--dtype", help="override the preset's compute dtype")
+    p.add_argument("--loss", help="override the preset's loss (drops its mining)")
+    p.add_argument("--batch-size", type=int, help="override the preset's batch")
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
 
     dataset = _synthetic(args.images)
-    config = TrainConfig(model=args.model, dtype=args.dtype, loss=args.loss,
-                         batch_size=args.batch_size, epochs=2, warmup_epochs=1, out="unused")
+    values = {k: v for k, v in PRESETS[args.preset].items() if k not in RUN_LENGTH_FIELDS}
+    if args.loss is not None and args.loss != values.get("loss"):
+        values |= {"loss": args.loss, "mining": None}
+    values |= {k: v for k, v in (("model", args.model), ("dtype", args.dtype),
+                                 ("batch_size", args.batch_size)) if v is not None}
+    config = TrainConfig(**values, epochs=2, warmup_epochs=1, out="unused")
+    args.model, args.dtype, args.loss, args.batch_size = (config.model, config.dtype,
+                                                          config.loss, config.batch_size)
     mesh = train.make_mesh()
     step_ips = bare_step(config, dataset, args.steps, mesh)
     loop_ips = whole_loop(config, dataset, mesh)
     result = {
-        "model": args.model, "dtype": args.dtype, "loss": args.loss,
+        "model": args.model, "dtype": args.dtype, "loss": args.loss, "mining": config.mining,
         "batch_size": args.batch_size, "devices": [str(d) for d in mesh.devices.flat],
         "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
         "step_images_per_second": step_ips, "loop_images_per_second": loop_ips,

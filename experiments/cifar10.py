@@ -29,57 +29,30 @@ import logging
 import sys
 import time
 
-from jaxmetric.config import DTYPES, LOSSES, OPTIMIZERS, TrainConfig
-from jaxmetric.losses import MINING_MODES, REDUCTIONS
-from jaxmetric.models import INITS, MODEL_NAMES
+from experiments.presets import PRESETS
+from jaxmetric import flags
+from jaxmetric.config import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
+    """The command line: one flag per :class:`TrainConfig` field (:mod:`jaxmetric.flags`)
+    plus ``--preset`` and the flags that are not part of the config."""
     p = argparse.ArgumentParser(
         prog="python -m experiments.cifar10",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--loss", choices=LOSSES, required=True)
-    p.add_argument("--mining", choices=MINING_MODES, help="triplet mining (default: all)")
-    p.add_argument("--margin", type=float, help="default: 1.0 contrastive, 0.2 triplet")
-    p.add_argument("--pos-margin", type=float, default=d.pos_margin, help="contrastive only")
-    p.add_argument("--euclidean", action="store_true",
-                   help="triplet on Euclidean instead of squared distances")
-    p.add_argument("--power", type=float, default=d.power,
-                   help="contrastive only: exponent of each hinge (2 Hadsell, 1 PML)")
-    p.add_argument("--reduction", choices=REDUCTIONS, default=d.reduction,
-                   help="mean over all selected pairs/triplets, or over the non-zero ones")
-    p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
-    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    p.add_argument("--weight-init", choices=INITS, default=d.weight_init,
-                   help="weight init: he (He normal, fan-out) or torch (PyTorch's default)")
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="compute dtype")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch")
-    p.add_argument("--classes-per-batch", type=int,
-                   help="P of class-balanced 'P classes x K images' batches")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--lr", type=float, help="peak learning rate (default scales with batch)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float,
-                   help="linear warm-up (default: min(5, epochs / 10))")
-    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
-    p.add_argument("--data-dir", help="local CIFAR-10 (folder or archive); default: tfds")
-    p.add_argument("--out", help="run folder (default: runs/cifar10-<loss>-<time>)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from this recipe (experiments/presets.py); flags given "
+                        "here override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--max-train", type=int, help="first N training images, class-balanced")
-    p.add_argument("--max-test", type=int, help="first N test images, class-balanced")
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="precision@1 every N epochs (and at the end)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="checkpoint every N epochs (and at the end)")
     p.add_argument("--tsne-points", type=int, default=5000)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true",
                    help="also show other libraries' INFO logs (orbax, faiss, ...)")
+    flags.add_config_arguments(p.add_argument_group(
+        "training configuration (jaxmetric.config.TrainConfig; without --out the run "
+        "folder is runs/cifar10-<loss>-<time>)"), required=("loss",))
     dist = p.add_argument_group("several processes (see README, 'More than one machine')")
     dist.add_argument("--coordinator", help="HOST:PORT of process 0 (env JAXMETRIC_COORDINATOR)")
     dist.add_argument("--num-processes", type=int, help="env JAXMETRIC_NUM_PROCESSES")
@@ -88,24 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args, parser) -> TrainConfig:
-    out = args.out or time.strftime(f"runs/cifar10-{args.loss}-%Y%m%d-%H%M%S")
+    """Defaults, then the preset, then the flags given; exits 2 (``parser.error``) on a
+    missing loss or an invalid combination."""
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    values |= flags.given_values(args)
+    if "loss" not in values:
+        parser.error("--loss is required (or a --preset that sets it)")
+    if values.get("out") is None:
+        values["out"] = time.strftime(f"runs/cifar10-{values['loss']}-%Y%m%d-%H%M%S")
     try:
-        return TrainConfig(
-            model=args.model, embed_dim=args.embed_dim, weight_init=args.weight_init, dtype=args.dtype, loss=args.loss,
-            margin=args.margin, pos_margin=args.pos_margin, mining=args.mining,
-            squared=not args.euclidean, power=args.power, reduction=args.reduction, epochs=args.epochs, batch_size=args.batch_size,
-            classes_per_batch=args.classes_per_batch, augment=not args.no_augment,
-            optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-            warmup_epochs=args.warmup_epochs, seed=args.seed, max_train=args.max_train,
-            max_test=args.max_test, eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, out=out,
-        )
+        return TrainConfig(**values)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
 
 
-CPU_COMMAND = ("python -m experiments.cifar10 --loss triplet --model homebrew --batch-size 256 "
-               "--epochs 10 --max-train 10000 --max-test 2000 --data-dir DATA")
+def out_given(args) -> bool:
+    """Whether the run folder was named (by --out or the preset), not made up."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    return getattr(args, "out", preset.get("out")) is not None
+
+
+CPU_COMMAND = "python -m experiments.cifar10 --preset cpu --loss LOSS --data-dir DATA"
 """The README's small CPU run (about 2-3 minutes of training on two cores)."""
 
 
@@ -142,7 +118,7 @@ def setup_logging(verbose: bool) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume and not args.out:
+    if args.resume and not out_given(args):
         parser.error("--resume needs --out: the run folder to continue")
     config = config_from_args(args, parser)
     setup_logging(args.verbose)
@@ -154,7 +130,7 @@ def main(argv=None) -> int:
                                               args.process_id)
     except ValueError as e:
         parser.error(str(e))
-    if multiprocess and not args.out:
+    if multiprocess and not out_given(args):
         parser.error("--out is required with several processes: the same shared folder "
                      "on every host (the default name holds each host's start time)")
 
@@ -177,7 +153,7 @@ def main(argv=None) -> int:
     hook = report.precision_at_1_hook(dataset, mesh=mesh)
     try:
         hint = CPU_COMMAND.replace("DATA", config.data_dir or "CIFAR10_DIR").replace(
-            "triplet", config.loss)
+            "LOSS", config.loss)
         state = train.fit(config, dataset, config.out, resume=args.resume, eval_hook=hook,
                           mesh=mesh, progress=progress, slow_cpu_hint=hint)
     except (FileExistsError, FileNotFoundError, FloatingPointError) as e:

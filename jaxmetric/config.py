@@ -44,87 +44,82 @@ ADAMW_LR = 1e-3
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
 
 
+def _field(default, help: str, **meta) -> Any:
+    """A :class:`TrainConfig` field: its default, its help text and, for the command
+    line (:mod:`jaxmetric.flags`), ``choices`` (also checked here), ``false_flag`` (an
+    extra flag that sets a bool field to False) and ``metavar``."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters and paths of one training run.
 
-    Attributes:
-      model: a :data:`jaxmetric.models.MODEL_NAMES` entry.
-      embed_dim: embedding size.
-      stem: ResNet stem, ``"cifar"`` or ``"imagenet"``.
-      weight_init: ``"he"`` (He normal, fan-out) or ``"torch"``
-        (PyTorch's default layer init); see :func:`jaxmetric.models.kernel_init`.
-      dtype: compute dtype of the model and augmentation (params stay float32).
-      loss: ``"contrastive"`` or ``"triplet"``.
-      margin: loss margin; None = 1.0 (contrastive) or 0.2 (triplet).
-      pos_margin: contrastive only: positives closer than this are not penalised.
-      mining: triplet only: a :data:`jaxmetric.losses.MINING_MODES` entry (None = "all").
-      squared: triplet only: squared (True, FaceNet) or plain Euclidean distances.
-      power: contrastive only: exponent of each pair's hinge (2 = Hadsell's squared
-        form, 1 = pytorch-metric-learning's ``ContrastiveLoss``).
-      reduction: how the loss terms are averaged, a :data:`jaxmetric.losses.REDUCTIONS`
-        entry: ``"mean"`` over all selected pairs / triplets, ``"mean_nonzero"`` over
-        the non-zero ones (pytorch-metric-learning's ``AvgNonZeroReducer``; for the
-        contrastive loss the positive and negative means are taken apart and added).
-      epochs: passes over the training set.
-      batch_size: global batch, split evenly over the devices.
-      classes_per_batch: P of "P classes x K images" batches; None = plain shuffling.
-      augment: random crop (pad 4) + horizontal flip on device; False = normalise only.
-      optimizer: ``"sgd"`` (Nesterov momentum) or ``"adamw"``.
-      lr: peak learning rate; None = 0.1 * batch_size / 256 (sgd) or 1e-3 (adamw).
-      weight_decay: None = 5e-4 (sgd, added to the gradient) or 0.05 (adamw, decoupled).
-      momentum: SGD momentum (Nesterov), or AdamW's b1.
-      warmup_epochs: linear warm-up length (may be fractional), then cosine to 0;
-        None = ``min(5, epochs / 10)`` (5 epochs for long runs, a tenth of a short one).
-      seed: fixes initialisation, sampling and augmentation.
-      max_train, max_test: keep only this many (class-balanced) images; None = all.
-      eval_every: call the evaluation hook every this many epochs (and after the last).
-      log_every: fetch step metrics from the device every this many steps.
-      keep_checkpoints: number of epoch checkpoints to keep.
-      checkpoint_every: save a checkpoint every this many epochs (and after the last).
-      data_dir: CIFAR-10 source for :func:`jaxmetric.data.load_cifar10` (None = tfds).
-      out: run folder (metrics.jsonl, config.json, checkpoints/).
+    Every field carries its help text (``dataclasses.fields(TrainConfig)[i].metadata``),
+    from which :mod:`jaxmetric.flags` builds one command-line flag per field (``embed_dim``
+    -> ``--embed-dim``); ``choices`` list the allowed values and are checked here.
     """
 
-    model: str = "resnet18"
-    embed_dim: int = 128
-    stem: str = "cifar"
-    weight_init: str = "he"
-    dtype: str = "float32"
-    loss: str = "contrastive"
-    margin: float | None = None
-    pos_margin: float = 0.0
-    mining: str | None = None
-    squared: bool = True
-    power: float = 2.0
-    reduction: str = "mean"
-    epochs: int = 100
-    batch_size: int = 512
-    classes_per_batch: int | None = None
-    augment: bool = True
-    optimizer: str = "sgd"
-    lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float = 0.9
-    warmup_epochs: float | None = None
-    seed: int = 0
-    max_train: int | None = None
-    max_test: int | None = None
-    eval_every: int = 10
-    log_every: int = 50
-    keep_checkpoints: int = 3
-    checkpoint_every: int = 1
-    data_dir: str | None = None
-    out: str = "runs/cifar10"
+    model: str = _field("resnet18", "network", choices=MODEL_NAMES)
+    embed_dim: int = _field(128, "embedding size")
+    stem: str = _field("cifar", "ResNet stem: cifar (3x3 conv) or imagenet (7x7 conv + pool)",
+                       choices=STEMS)
+    weight_init: str = _field(
+        "he", "weight init: he (He normal, fan-out) or torch (PyTorch's default layer "
+        "init); see jaxmetric.models.kernel_init", choices=INITS)
+    dtype: str = _field("float32", "compute dtype of the model and augmentation (params "
+                        "stay float32)", choices=DTYPES)
+    loss: str = _field("contrastive", "metric-learning loss", choices=LOSSES)
+    margin: float | None = _field(None, "loss margin; None: 1.0 contrastive, 0.2 triplet")
+    pos_margin: float = _field(0.0, "contrastive only: positives closer than this are not "
+                               "penalised")
+    mining: str | None = _field(None, "triplet only: which triplets (None: all)",
+                                choices=MINING_MODES)
+    squared: bool = _field(True, "triplet only: squared distances (FaceNet); "
+                           "--euclidean: plain Euclidean ones", false_flag="--euclidean")
+    power: float = _field(2.0, "contrastive only: exponent of each pair's hinge (2: Hadsell's "
+                          "squared form, 1: pytorch-metric-learning's ContrastiveLoss)")
+    reduction: str = _field(
+        "mean", "how the loss terms are averaged: mean over all selected pairs/triplets, "
+        "mean_nonzero over the non-zero ones (pytorch-metric-learning's AvgNonZeroReducer; "
+        "contrastive: positive and negative means taken apart and added), or sum",
+        choices=REDUCTIONS)
+    epochs: int = _field(100, "passes over the training set")
+    batch_size: int = _field(512, "global batch, split evenly over the devices")
+    classes_per_batch: int | None = _field(
+        None, "P of class-balanced 'P classes x K images' batches; None: plain shuffling")
+    augment: bool = _field(True, "random crop (pad 4) + horizontal flip on device; "
+                           "--no-augment: normalise only")
+    optimizer: str = _field("sgd", "sgd (Nesterov momentum) or adamw", choices=OPTIMIZERS)
+    lr: float | None = _field(None, "peak learning rate; None: 0.1 * batch_size / 256 (sgd) "
+                              "or 1e-3 (adamw)")
+    weight_decay: float | None = _field(
+        None, "None: 5e-4 (sgd, added to the gradient) or 0.05 (adamw, decoupled)")
+    momentum: float = _field(0.9, "SGD momentum (Nesterov), or AdamW's b1")
+    warmup_epochs: float | None = _field(
+        None, "linear warm-up length in epochs (may be fractional), then cosine to 0; "
+        "None: min(5, epochs / 10)")
+    seed: int = _field(0, "fixes initialisation, sampling and augmentation")
+    max_train: int | None = _field(None, "keep only the first N training images, "
+                                   "class-balanced; None: all")
+    max_test: int | None = _field(None, "keep only the first N test images, class-balanced; "
+                                  "None: all")
+    eval_every: int = _field(10, "call the evaluation hook (precision@1) every N epochs "
+                             "and after the last")
+    log_every: int = _field(50, "fetch step metrics from the device every N steps")
+    keep_checkpoints: int = _field(3, "number of epoch checkpoints to keep")
+    checkpoint_every: int = _field(1, "save a checkpoint every N epochs and after the last")
+    data_dir: str | None = _field(None, "data source for the experiment's loader (CIFAR-10: "
+                                  "a folder or archive; None: tensorflow-datasets)",
+                                  metavar="PATH")
+    out: str | None = _field(None, "run folder (config.json, metrics.jsonl, checkpoints/); "
+                             "None: the caller names one (fit's out_dir)", metavar="PATH")
 
     def __post_init__(self):
-        _choice("model", self.model, MODEL_NAMES)
-        _choice("stem", self.stem, STEMS)
-        _choice("weight_init", self.weight_init, INITS)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("loss", self.loss, LOSSES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("reduction", self.reduction, REDUCTIONS)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "choices" in f.metadata and value is not None:
+                _choice(f.name, value, f.metadata["choices"])
         for name in ("embed_dim", "epochs", "batch_size", "eval_every", "log_every",
                      "keep_checkpoints", "checkpoint_every"):
             _int(name, getattr(self, name), minimum=1)
@@ -159,8 +154,6 @@ class TrainConfig:
                 raise ValueError("squared=False applies to the triplet loss only")
             _number("power", self.power, minimum=0.0, strict=True)
         else:
-            if self.mining is not None:
-                _choice("mining", self.mining, MINING_MODES)
             if self.pos_margin != 0.0:
                 raise ValueError(
                     f"pos_margin={self.pos_margin} applies to the contrastive loss only"

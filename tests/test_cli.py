@@ -125,10 +125,14 @@ def test_every_documented_command_builds_a_valid_config():
         assert config.warmup < config.epochs, argv
 
 
+def _config(argv):
+    parser = cifar10.build_parser()
+    return cifar10.config_from_args(parser.parse_args(argv), parser)
+
+
 def _small_budget(argv, tarball, out):
     """The command as written, shrunk to a few steps on a few hundred real images."""
-    args = cifar10.build_parser().parse_args(argv)
-    epochs = args.epochs if args.epochs <= 3 else 1
+    epochs = _config(argv).epochs if _config(argv).epochs <= 3 else 1
     return [*argv, "--model", "homebrew", "--embed-dim", "16", "--epochs", str(epochs),
             "--max-train", "128", "--max-test", "64", "--batch-size", "64",
             "--tsne-points", "0", "--no-progress", "--data-dir", str(tarball), "--out", str(out)]
@@ -141,11 +145,114 @@ def test_help_examples_run_at_a_small_budget(cifar_tarball, tmp_path, isolated_c
     # keeps this quick; every command's configuration is checked by the test above.
     chosen = {}
     for argv in examples:
-        args = cifar10.build_parser().parse_args(argv)
-        if args.loss not in chosen or args.epochs < chosen[args.loss][0]:
-            chosen[args.loss] = (args.epochs, argv)
+        config = _config(argv)
+        if config.loss not in chosen or config.epochs < chosen[config.loss][0]:
+            chosen[config.loss] = (config.epochs, argv)
     assert sorted(chosen) == ["contrastive", "triplet"]
     for i, (_, argv) in enumerate(chosen.values()):
         out = tmp_path / f"run{i}"
         assert cifar10.main(_small_budget(argv, cifar_tarball, out)) == 0, argv
         assert (out / "metrics.json").is_file(), argv
+
+
+# ------------------------------------------------------- flags from the config, presets
+
+def _fields():
+    import dataclasses
+
+    from jaxmetric.config import TrainConfig
+
+    return dataclasses.fields(TrainConfig)
+
+
+def test_every_config_field_has_a_flag_with_help():
+    parser = cifar10.build_parser()
+    by_dest = {}
+    for action in parser._actions:
+        by_dest.setdefault(action.dest, []).extend(action.option_strings)
+    for field in _fields():
+        assert field.metadata.get("help"), field.name
+        assert "--" + field.name.replace("_", "-") in by_dest[field.name], field.name
+    # the settings that had no flag before, and a value per type
+    config = _config(["--loss", "triplet", "--stem", "imagenet", "--momentum", "0.8",
+                      "--log-every", "7", "--keep-checkpoints", "2", "--lr", "0.3"])
+    assert (config.stem, config.momentum, config.log_every, config.keep_checkpoints,
+            config.lr) == ("imagenet", 0.8, 7, 2, 0.3)
+
+
+def test_flags_left_out_take_the_config_defaults():
+    from jaxmetric.config import TrainConfig
+
+    config = _config(["--loss", "triplet", "--out", "x"])
+    assert config == TrainConfig(loss="triplet", out="x")
+    assert _config(["--loss", "triplet"]).out.startswith("runs/cifar10-triplet-")
+
+
+def test_bool_flags_and_their_historic_spellings():
+    base = ["--loss", "triplet"]
+    assert _config(base).squared and _config(base).augment
+    assert not _config([*base, "--euclidean"]).squared
+    assert not _config([*base, "--no-squared"]).squared
+    assert _config([*base, "--euclidean", "--squared"]).squared  # the last one wins
+    assert not _config([*base, "--no-augment"]).augment
+    assert _config([*base, "--no-augment", "--augment"]).augment
+
+
+def test_optional_fields_take_none_and_choices_are_checked():
+    config = _config(["--preset", "cpu", "--loss", "triplet", "--max-train", "none",
+                      "--mining", "semihard", "--margin", "NONE"])
+    assert config.max_train is None and config.margin is None and config.mining == "semihard"
+    for argv in (["--loss", "triplet", "--max-train", "many"],
+                 ["--loss", "triplet", "--mining", "none-at-all"],
+                 ["--loss", "triplet", "--epochs", "2.5"],
+                 ["--epochs", "3"],  # no loss from the flags or a preset
+                 ["--loss", "triplet", "--preset", "gpu"]):
+        with pytest.raises(SystemExit) as e:
+            _config(argv)
+        assert e.value.code == 2, argv
+
+
+def test_preset_cpu_and_explicit_flags_override_it():
+    config = _config(["--preset", "cpu", "--loss", "contrastive"])
+    assert (config.model, config.batch_size, config.epochs, config.max_train,
+            config.max_test) == ("homebrew", 256, 10, 10_000, 2_000)
+    assert config.loss == "contrastive" and config.warmup == 1.0
+    config = _config(["--preset", "cpu", "--loss", "triplet", "--epochs", "3",
+                      "--batch-size", "128"])
+    assert (config.epochs, config.batch_size, config.model) == (3, 128, "homebrew")
+    # The order on the command line does not matter: flags beat the preset.
+    assert _config(["--epochs", "3", "--preset", "cpu", "--loss", "triplet"]).epochs == 3
+
+
+def test_presets_are_valid_configs():
+    from experiments.presets import PRESETS
+    from jaxmetric.config import TrainConfig
+
+    names = {f.name for f in _fields()}
+    for name, values in PRESETS.items():
+        assert set(values) <= names, name
+        TrainConfig(**({"loss": "triplet"} | values))
+    h200 = _config(["--preset", "h200"])
+    assert (h200.model, h200.dtype, h200.batch_size, h200.epochs, h200.warmup,
+            h200.eval_every, h200.checkpoint_every, h200.loss, h200.mining) == (
+        "resnet18", "bfloat16", 1024, 40, 5.0, 10, 10, "triplet", "semihard")
+    assert _config(["--preset", "h200-contrastive"]).loss == "contrastive"
+
+
+def test_gpu_script_runs_the_h200_presets_instead_of_spelling_them_out():
+    import re
+
+    script = (REPO_ROOT / "benchmarks" / "gpu.sh").read_text()
+    runs = [line for line in script.splitlines() if "experiments.cifar10" in line]
+    assert runs and all("--preset $PRESET" in line for line in runs), runs
+    assert re.search(r"PRESET=h200\b", script) and "PRESET=h200-contrastive" in script
+    assert "--preset h200" in script  # the throughput benchmark uses the recipe too
+    for spelled in ("--epochs", "--batch-size", "--dtype", "--warmup-epochs", "--mining",
+                    "--eval-every", "--checkpoint-every", "EPOCHS=", "BATCH=", "DTYPE="):
+        assert spelled not in script, spelled
+
+
+def test_cpu_hint_is_a_valid_command():
+    argv = cifar10.CPU_COMMAND.replace("LOSS", "triplet").split()[3:]
+    config = _config(argv)
+    assert (config.model, config.epochs, config.max_train) == ("homebrew", 10, 10_000)
