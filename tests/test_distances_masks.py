@@ -14,11 +14,52 @@ import oracles
 def test_squared_and_euclidean_match_loops(b, d):
     x = np.random.default_rng(b).normal(size=(b, d)).astype(np.float32)
     np.testing.assert_allclose(
-        distances.pairwise_squared_distances(x), oracles.distance_matrix(x, True), atol=1e-5
+        distances.pairwise_squared_distances(x), oracles.distance_matrix(x, "squared_l2"),
+        atol=1e-5,
     )
     np.testing.assert_allclose(
-        distances.pairwise_euclidean_distances(x), oracles.distance_matrix(x, False), atol=1e-5
+        distances.pairwise_euclidean_distances(x), oracles.distance_matrix(x, "l2"), atol=1e-5
     )
+
+
+def test_cosine_matches_loops_non_unit_and_zero_rows():
+    """1 - cos for rows of any norm, in [0, 2]; a zero row is at distance 1 from all."""
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(9, 5)) * rng.uniform(0.01, 100, (9, 1))).astype(np.float32)
+    x[3] = 0.0
+    x[5] = -2.5 * x[0]  # opposite direction: distance 2
+    d = np.asarray(distances.pairwise_cosine_distances(x))
+    ref = oracles.distance_matrix(x, "cosine")
+    np.fill_diagonal(ref, 0.0)
+    np.testing.assert_allclose(d, ref, atol=1e-6)
+    assert d.min() >= 0.0 and d.max() <= 2.0
+    np.testing.assert_allclose(d[0, 5], 2.0, atol=1e-6)
+    np.testing.assert_array_equal(np.delete(d[3], 3), 1.0)
+    # Unit rows: half the squared Euclidean distance.
+    u = x[[0, 1, 2]] / np.linalg.norm(x[[0, 1, 2]], axis=1, keepdims=True)
+    np.testing.assert_allclose(distances.cross_cosine_distances(u, x[[4, 6]]),
+                               distances.cross_squared_distances(u, x[[4, 6]] / np.linalg.norm(
+                                   x[[4, 6]], axis=1, keepdims=True)) / 2, atol=1e-6)
+
+
+def test_cosine_zero_rows_finite_gradient_nan_rows_nan():
+    x = jnp.array([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0], [3.0, 0.0, -1.0]])
+    g = jax.grad(lambda e: distances.cross_cosine_distances(e, x).sum())(x)
+    assert np.isfinite(np.asarray(g)).all()
+    bad = x.at[1, 0].set(jnp.nan)
+    d = np.asarray(distances.cross_cosine_distances(bad, x))
+    assert np.isnan(d[1]).all() and np.isfinite(d[[0, 2]]).all()
+
+
+def test_resolve_names_and_callables():
+    assert tuple(distances.DISTANCES) == ("squared_l2", "l2", "cosine")
+    assert distances.resolve("l2") is distances.cross_euclidean_distances
+    fn = lambda a, b: distances.cross_squared_distances(a, b)  # noqa: E731
+    assert distances.resolve(fn) is fn
+    with pytest.raises(ValueError, match="unknown distance 'euclidean'"):
+        distances.resolve("euclidean")
+    with pytest.raises(TypeError):
+        distances.DISTANCES["mine"] = fn
 
 
 def test_lecture_example():
