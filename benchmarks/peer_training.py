@@ -36,7 +36,7 @@ of both. Needs the ``peer`` extra (``pip install -e .[train,eval,peer]``).
   (``optax.warmup_cosine_decay_schedule`` as in :func:`jaxmetric.train.make_schedule`;
   the PyTorch side computes the same values, checked at a few steps).
 * augmentation: zero-pad 4, random 32x32 crop, random horizontal flip, per example,
-  then per-channel normalisation with :data:`jaxmetric.augment.CIFAR10_MEAN` / ``STD``
+  then per-channel normalisation with :data:`jaxmetric.data.CIFAR10_MEAN` / ``STD``
   (vectorised over the batch in both frameworks).
 * losses: ``triplet`` -- all triplets, margin 0.2, squared L2; PML's
   ``TripletMarginLoss(margin=0.2, distance=LpDistance(power=2))``. ``contrastive`` --
@@ -416,7 +416,7 @@ def run_pml(args, data_path) -> dict:
     import torch
 
     from jaxmetric import data
-    from jaxmetric.augment import CIFAR10_MEAN, CIFAR10_STD
+    from jaxmetric.data import CIFAR10_MEAN, CIFAR10_STD
 
     torch.set_num_threads(os.cpu_count())
     dataset = data.load_cifar10(data_path, max_train=args.max_train, max_test=args.max_test)

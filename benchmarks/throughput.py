@@ -50,12 +50,13 @@ def _synthetic(n: int, seed: int = 0) -> data.Dataset:
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     labels = (np.arange(n) % 10).astype(np.int32)
     split = data.Split(images, labels)
-    return data.Dataset(train=split, test=split, class_names=data.CIFAR10_CLASSES)
+    return data.Dataset(train=split, test=split, class_names=data.CIFAR10_CLASSES,
+                        mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
 
 
 def bare_step(config: TrainConfig, dataset, steps: int, mesh) -> float:
     steps_per_epoch = len(dataset.train) // config.batch_size
-    state, key = train.initial_state(config, steps_per_epoch, mesh)
+    state, key = train.initial_state(config, steps_per_epoch, mesh, dataset)
     step_fn = train.make_train_step(train.make_loss_fn(config), mesh, augment=config.augment,
                                     dtype=jnp.dtype(config.dtype))
     replicated = NamedSharding(mesh, P())

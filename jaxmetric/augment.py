@@ -1,11 +1,13 @@
 """Training-time augmentation and normalisation, in JAX, on device.
 
-The standard CIFAR recipe: pad each image by 4 black pixels, take a random 32x32 crop,
-flip it horizontally with probability 1/2 (torchvision's ``RandomCrop(32, padding=4)``
-and ``RandomHorizontalFlip()``), then normalise each channel with the data set's mean
-and standard deviation. Everything is vectorised over the batch (per-example offsets
-via ``vmap`` of ``lax.dynamic_slice``), so it jit-compiles to a few fused kernels and
-runs next to the train step; no Python loop over examples.
+The standard recipe for small images (CIFAR's): pad each image by 4 black pixels, take a
+random crop of the original size, flip it horizontally with probability 1/2
+(torchvision's ``RandomCrop(size, padding=4)`` and ``RandomHorizontalFlip()``), then
+normalise each channel with the data set's mean and standard deviation. The statistics
+are arguments, with no default: they belong to the data (``Dataset.normalization``, the
+published values for CIFAR-10 in :mod:`jaxmetric.data`). Everything is vectorised over
+the batch (per-example offsets via ``vmap`` of ``lax.dynamic_slice``), so it jit-compiles
+to a few fused kernels and runs next to the train step; no Python loop over examples.
 
 ``pad``, ``flip`` and ``dtype`` change the computation and must be static under jit,
 e.g. ``jax.jit(augment, static_argnames=("pad", "flip", "dtype"))``.
@@ -18,10 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "augment", "normalize", "sample_crop_flip"]
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+__all__ = ["augment", "normalize", "sample_crop_flip"]
 
 
 def _check_images(images: jax.Array, where: str) -> None:
@@ -34,11 +33,14 @@ def _check_images(images: jax.Array, where: str) -> None:
 
 def normalize(
     images: jax.Array,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
+    mean: Sequence[float],
+    std: Sequence[float],
     dtype=jnp.float32,
 ) -> jax.Array:
     """uint8 images (B, H, W, C) -> ``(x / 255 - mean) / std`` per channel, in ``dtype``.
+
+    ``mean`` and ``std`` are per-channel statistics in [0, 1] units (e.g.
+    ``dataset.normalization``).
 
     The arithmetic is done in float32 and cast at the end, so a bfloat16 ``dtype`` only
     rounds the result.
@@ -75,10 +77,10 @@ def augment(
     rng: jax.Array,
     images: jax.Array,
     *,
+    mean: Sequence[float],
+    std: Sequence[float],
     pad: int = 4,
     flip: bool = True,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
     dtype=jnp.float32,
 ) -> jax.Array:
     """Random crop of the zero-padded image, random horizontal flip, normalisation.
@@ -86,9 +88,9 @@ def augment(
     Args:
       rng: a PRNG key; the draws are :func:`sample_crop_flip` ``(rng, B, pad)``.
       images: uint8 (B, H, W, C).
+      mean, std: per-channel statistics for :func:`normalize`.
       pad: black border added on every side before cropping back to (H, W); 0 = no crop.
       flip: whether to mirror a random half of the images.
-      mean, std: per-channel statistics for :func:`normalize`.
       dtype: output dtype.
 
     Returns:

@@ -7,10 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmetric.augment import CIFAR10_MEAN, CIFAR10_STD, augment, normalize, sample_crop_flip
+from jaxmetric.augment import augment as augment_with_stats
+from jaxmetric.augment import normalize as normalize_with_stats
+from jaxmetric.augment import sample_crop_flip
+from jaxmetric.data import CIFAR10_MEAN, CIFAR10_STD
 
 MEAN = np.asarray(CIFAR10_MEAN, np.float32)
 STD = np.asarray(CIFAR10_STD, np.float32)
+# Most tests use CIFAR-10's statistics; the functions themselves have no default.
+normalize = functools.partial(normalize_with_stats, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+augment = functools.partial(augment_with_stats, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 
 def np_normalize(images):
@@ -49,6 +55,13 @@ def test_normalize_bfloat16_and_custom_stats(images):
     assert out.dtype == jnp.bfloat16
     expected = images.astype(np.float32) / 127.5 - 1.0
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=1e-2)
+
+
+def test_statistics_are_required(images):
+    with pytest.raises(TypeError):
+        normalize_with_stats(jnp.asarray(images))
+    with pytest.raises(TypeError):
+        augment_with_stats(jax.random.PRNGKey(0), jnp.asarray(images))
 
 
 def test_normalize_rejects_bad_input(images):
@@ -124,6 +137,6 @@ def test_jit_determinism_and_key_dependence(images):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(np.asarray(a), np.asarray(augment(k1, x)), atol=1e-6)
     assert not np.allclose(np.asarray(a), np.asarray(jitted(k2, x)))
-    static = jax.jit(augment, static_argnames=("pad", "flip", "dtype"))
-    out = static(k1, x, pad=2, dtype=jnp.bfloat16)
+    static = jax.jit(augment_with_stats, static_argnames=("pad", "flip", "dtype"))
+    out = static(k1, x, mean=CIFAR10_MEAN, std=CIFAR10_STD, pad=2, dtype=jnp.bfloat16)
     assert out.dtype == jnp.bfloat16 and out.shape == x.shape

@@ -165,7 +165,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(reference, two_
         np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want],
                                    rtol=1e-4, atol=1e-6, err_msg=key)
     assert json.loads((out_dir / "config.json").read_text()) == worker.config(out_dir).to_dict()
-    assert train._finalized_epochs(out_dir / "checkpoints") == [1, 2, 3]
+    assert train.finalized_epochs(out_dir / "checkpoints") == [1, 2, 3]
 
 
 def test_multi_process_checkpoint_restores_on_one_process(two_processes):
@@ -185,7 +185,7 @@ def test_killed_process_fails_fast_and_job_resumes(two_processes, tmp_path):
     # Each epoch's hook sleeps, so the job is still running when checkpoint 1 appears.
     with Job(tmp_path, "killed", out_dir, env={"WORKER_HOOK_SLEEP": "1.5"}) as job:
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not train._finalized_epochs(ckpt_dir):
+        while not train.finalized_epochs(ckpt_dir):
             assert time.monotonic() < deadline, job.log(0)[-3000:]
             assert all(p.poll() is None for p in job.procs), job.log(0)[-3000:]
             time.sleep(0.05)
@@ -210,7 +210,7 @@ def test_killed_process_fails_fast_and_job_resumes(two_processes, tmp_path):
     assert "Fatal Python error: Aborted" in log0 and "in fit" in log0, log0[-3000:]
 
     # The last complete checkpoint survives (and no later one claims to exist).
-    done = train._finalized_epochs(ckpt_dir)
+    done = train.finalized_epochs(ckpt_dir)
     assert done and done[-1] < worker.EPOCHS, done
     _, _, epoch = train.restore_state(out_dir, mesh=Mesh(np.array(jax.devices()[:8]),
                                                          ("batch",)))
@@ -229,7 +229,7 @@ def test_killed_process_fails_fast_and_job_resumes(two_processes, tmp_path):
     assert [r["epoch"] for r in got] == [1, 2, 3]
     assert got[:done[-1]] == before[:done[-1]]  # epochs up to the checkpoint: not re-run
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-6)
-    assert train._finalized_epochs(ckpt_dir)[-1] == worker.EPOCHS
+    assert train.finalized_epochs(ckpt_dir)[-1] == worker.EPOCHS
 
 
 def test_run_folder_not_shared_fails_on_every_process(tmp_path):

@@ -13,9 +13,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmetric import train
+from jaxmetric import monitor, train
 from jaxmetric.config import TrainConfig
-from jaxmetric.data import Dataset, Split
+from jaxmetric.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, Split
 from jaxmetric.models import create_model
 
 NUM_CLASSES = 4
@@ -55,9 +55,12 @@ def tiny_config(tmp_path, **kw):
     return TrainConfig(**(base | kw))
 
 
+INPUTS = train.InputSpec((32, 32, 3), CIFAR10_MEAN, CIFAR10_STD)
+
+
 def fresh_state(config, bn_axis_name="batch", steps_per_epoch=4):
     model = create_model("homebrew", embed_dim=16, widths=WIDTHS, bn_axis_name=bn_axis_name)
-    return train.create_train_state(jax.random.key(0), model, config, steps_per_epoch)
+    return train.create_train_state(jax.random.key(0), model, config, steps_per_epoch, INPUTS)
 
 
 def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
@@ -165,7 +168,7 @@ def test_fit_writes_records_and_checkpoints(uninterrupted):
                 "images_per_second", "epoch_seconds"} <= set(r)
         assert np.isfinite(r["loss"]) and r["images_per_second"] > 0
     assert TrainConfig.from_dict(json.loads((out_dir / "config.json").read_text())) == config
-    assert train._finalized_epochs(out_dir / "checkpoints") == [1, 2]
+    assert train.finalized_epochs(out_dir / "checkpoints") == [1, 2]
     assert int(state.step) == 8
 
 
@@ -191,7 +194,7 @@ def test_resume_after_crash_equals_uninterrupted(uninterrupted, tmp_path):
     junk = out_dir / "checkpoints" / "2.orbax-checkpoint-tmp-1700000000"
     junk.mkdir()
     (junk / "garbage").write_text("half-written")
-    assert train._finalized_epochs(out_dir / "checkpoints") == [1]
+    assert train.finalized_epochs(out_dir / "checkpoints") == [1]
 
     state = train.fit(config, tiny_dataset(), out_dir, resume=True, mesh=mesh_of(2),
                       progress=False)
@@ -202,7 +205,7 @@ def test_resume_after_crash_equals_uninterrupted(uninterrupted, tmp_path):
     ref_losses = [r["loss"] for r in read_records(ref_dir)]
     np.testing.assert_allclose([r["loss"] for r in read_records(out_dir)], ref_losses, rtol=1e-6)
     assert not junk.exists()  # cleaned up when the manager opened
-    assert train._finalized_epochs(out_dir / "checkpoints") == [1, 2]
+    assert train.finalized_epochs(out_dir / "checkpoints") == [1, 2]
 
 
 def test_refuses_to_overwrite_a_run(uninterrupted, tmp_path):
@@ -229,10 +232,45 @@ def test_embed_fn_pads_and_matches_model(uninterrupted):
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     model = create_model("homebrew", embed_dim=16)
     from jaxmetric.augment import normalize
-    expected = model.apply(variables, normalize(jnp.asarray(images)), train=False)
+    # The state normalises with the training data's statistics (computed: no preset ones).
+    mean, std = tiny_dataset().normalization
+    assert state.inputs == train.InputSpec((32, 32, 3), mean, std)
+    expected = model.apply(variables, normalize(jnp.asarray(images), mean, std), train=False)
     np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         train.make_embed_fn(state)(images.astype(np.float32))
+
+
+def test_checkpoints_record_the_inputs_and_older_ones_take_them(uninterrupted, tmp_path):
+    config, out_dir, state = uninterrupted
+    _, restored, epoch = train.restore_state(out_dir, mesh=mesh_of(2))
+    assert epoch == 2 and restored.inputs == state.inputs  # from the checkpoint alone
+    assert_trees_close(restored.params, state.params, rtol=0, atol=0)
+    # A checkpoint written before the inputs were recorded: they must be passed.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((out_dir / "config.json").read_text())
+    manager = train.checkpoints.checkpoint_manager(legacy / "checkpoints", 1)
+    train.checkpoints.save_checkpoint(manager, 2, state.replace(inputs=None),
+                                      jax.random.key_data(jax.random.key(0)))
+    manager.wait_until_finished()
+    manager.close()
+    with pytest.raises(ValueError, match="does not record"):
+        train.restore_state(legacy, mesh=mesh_of(2))
+    _, restored, _ = train.restore_state(legacy, mesh=mesh_of(2), inputs=tiny_dataset())
+    assert restored.inputs == state.inputs
+    assert_trees_close(restored.params, state.params, rtol=0, atol=0)
+
+
+def test_a_state_needs_its_inputs(tmp_path):
+    config = tiny_config(tmp_path)
+    state = fresh_state(config, bn_axis_name=None).replace(inputs=None)
+    images, labels = synthetic(4)
+    with pytest.raises(ValueError, match="state.inputs"):
+        train.train_step(state, {"images": images, "labels": labels}, jax.random.key(0),
+                         loss_fn=train.make_loss_fn(config))
+    with pytest.raises(ValueError, match="one mean and one std per channel"):
+        train.InputSpec((32, 32, 3), (0.5,), (0.2,))
 
 
 # ------------------------------------------------------------------------ validation
@@ -296,7 +334,7 @@ def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(tmp_path, monk
 
         return poisoned
 
-    monkeypatch.setattr(train, "make_loss_fn", diverging)
+    monkeypatch.setattr(train.loop, "make_loss_fn", diverging)  # where fit looks it up
     config = tiny_config(tmp_path, epochs=2, log_every=1)
     with pytest.raises(FloatingPointError, match="loss became .* in epoch 1"):
         train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(1), progress=False)
@@ -326,7 +364,7 @@ def _poisoned_loss_fn(monkeypatch, poison):
 
         return poisoned
 
-    monkeypatch.setattr(train, "make_loss_fn", patched)
+    monkeypatch.setattr(train.loop, "make_loss_fn", patched)  # where fit looks it up
 
 
 def test_nan_gradient_behind_a_finite_loss_stops_the_run(tmp_path, monkeypatch):
@@ -365,7 +403,7 @@ def test_divergence_in_a_later_epoch_names_the_last_checkpoint(tmp_path, monkeyp
                                   optax.ScaleByScheduleState(count=s.count + 1)))
         return optax.chain(make_optimizer(config, schedule), blow)
 
-    monkeypatch.setattr(train, "make_optimizer", bad_optimizer)
+    monkeypatch.setattr(train.state, "make_optimizer", bad_optimizer)  # create_train_state's
     config = tiny_config(tmp_path, epochs=3, log_every=1)
     with pytest.raises(FloatingPointError,
                        match=r"parameter norm became (inf|nan) in epoch 2.*last checkpoint is "
@@ -380,7 +418,7 @@ def test_fit_says_what_it_does_and_warns_of_collapse(tmp_path, monkeypatch, capl
         return loss, info | {"mean_pos_distance": 0.0 * loss, "mean_neg_distance": 0.0 * loss}
 
     _poisoned_loss_fn(monkeypatch, collapse)
-    monkeypatch.setattr(train.monitor, "SLOW_RUN_SECONDS", 0.0)
+    monkeypatch.setattr(monitor, "SLOW_RUN_SECONDS", 0.0)
     config = tiny_config(tmp_path, epochs=2, log_every=2)
     with caplog.at_level("INFO", logger="jaxmetric.train"):
         train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(1), progress=False,

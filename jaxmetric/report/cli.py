@@ -29,15 +29,15 @@ def main(argv=None) -> int:
     from jaxmetric import data, train
 
     try:
-        config, state, epoch = train.restore_state(args.run_dir, epoch=args.epoch)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    data_dir = args.data_dir if args.data_dir is not None else config.data_dir
-    try:
+        config = train.load_config(args.run_dir)
+        data_dir = args.data_dir if args.data_dir is not None else config.data_dir
         dataset = data.load_cifar10(data_dir, max_train=config.max_train,
                                     max_test=config.max_test)
-    except data.DataError as e:
+        # The data set only stands in for the image shape and normalisation of
+        # checkpoints that do not record them (written by an earlier version).
+        config, state, epoch = train.restore_state(args.run_dir, epoch=args.epoch,
+                                                   inputs=dataset)
+    except (FileNotFoundError, ValueError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cfg = config.to_dict() | {"data_dir": data_dir}

@@ -1,0 +1,262 @@
+"""The training loop: :func:`fit` runs epochs of the train step and keeps the records.
+
+Per epoch: the batches of indices (:func:`epoch_indices`, a function of ``(seed,
+epoch)``), the jitted step (:mod:`jaxmetric.train.step`), step metrics fetched every
+``log_every`` steps and checked for NaN/inf, the evaluation hook, a checkpoint
+(:mod:`jaxmetric.train.checkpoints`) and one record in ``metrics.jsonl`` (the folder's
+rules: :mod:`jaxmetric.train.rundir`). Cross-process agreement goes through
+:mod:`jaxmetric.distributed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmetric import distributed, monitor, sampling
+from jaxmetric.config import TrainConfig
+from jaxmetric.models import count_params
+from jaxmetric.train.checkpoints import (
+    checkpoint_manager,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from jaxmetric.train.mesh import AXIS, make_mesh
+from jaxmetric.train.rundir import append_record, prepare_run_dir, truncate_metrics
+from jaxmetric.train.state import InputSpec, TrainState, initial_state
+from jaxmetric.train.step import METRICS, make_loss_fn, make_train_step
+
+__all__ = ["FINITE_METRICS", "epoch_indices", "epoch_line", "fit"]
+
+log = logging.getLogger("jaxmetric.train")
+
+FINITE_METRICS = {"loss": "the training loss", "grad_norm": "the gradient norm",
+                  "param_norm": "the parameter norm"}
+"""A run stops when one of these turns NaN/inf (a NaN hidden by the loss's masking would
+still show in the gradient, and an overflow in the update in the parameters)."""
+
+
+def epoch_indices(config: TrainConfig, labels: np.ndarray, epoch: int) -> np.ndarray:
+    """The epoch's batches of indices ``(steps, batch_size)``, from ``(seed, epoch)``."""
+    rng = np.random.default_rng([config.seed, epoch])
+    if config.classes_per_batch is None:
+        return sampling.shuffled_batches(rng, len(labels), config.batch_size)
+    return sampling.class_balanced_batches(rng, labels, config.batch_size,
+                                           config.classes_per_batch)
+
+
+def epoch_line(record: Mapping[str, Any], epochs: int) -> str:
+    """The one line :func:`fit` logs per epoch, from its ``metrics.jsonl`` record."""
+    line = (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, active "
+            f"{record['active_fraction']:.3f}, {record['images_per_second']:,.0f} img/s, "
+            f"{record['epoch_seconds']:.1f} s")
+    if "precision_at_1" in record:
+        line += f" | precision@1 {record['precision_at_1']:.4f} (test vs train)"
+    return line
+
+
+def _check_finite(chunk: Mapping[str, float], epoch: int, step: int,
+                  ckpt_dir: pathlib.Path, last: int | None) -> None:
+    """Raise ``FloatingPointError`` if a watched metric of a chunk of steps is NaN/inf."""
+    bad = [f"{what} became {chunk[k]}" for k, what in FINITE_METRICS.items()
+           if not np.isfinite(chunk[k])]
+    if bad:
+        raise FloatingPointError(
+            f"{' and '.join(bad)} in epoch {epoch + 1} (by step {step}); nothing of this "
+            "epoch was saved"
+            + (f" — the last checkpoint is epoch {last} in {ckpt_dir}" if last else "")
+            + ". Lower --lr or check the data.")
+
+
+def _mean_metrics(chunks: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """Fetch stacked step metrics (one host sync) and average; lr is the last value."""
+    host = distributed.to_host(chunks)
+    out = {k: float(np.mean([m[k] for m in host])) for k in METRICS if k != "lr"}
+    out["lr"] = float(host[-1]["lr"])
+    return out
+
+
+def _log_setup(config, dataset, state, mesh, steps) -> None:
+    kinds = sorted({d.platform for d in mesh.devices.flat})
+    train, test = dataset.train, getattr(dataset, "test", None)
+    log.info("training %s (%s parameters, %s) on %d %s device%s: %s training%s images, "
+             "batch %d, %d steps/epoch x %d epochs", config.model,
+             f"{count_params(state.params):,}", config.dtype, mesh.size, "/".join(kinds),
+             "s" if mesh.size > 1 else "", f"{len(train):,}",
+             f" / {len(test):,} test" if test is not None else "", config.batch_size,
+             steps, config.epochs)
+
+
+def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
+        eval_hook: Callable[[TrainState, int], Mapping[str, Any]] | None = None,
+        mesh: Mesh | None = None, progress: bool = True,
+        slow_cpu_hint: str | None = None) -> TrainState:
+    """Train ``config.model`` on ``dataset.train``; return the final state.
+
+    Args:
+      config: the run's hyper-parameters.
+      dataset: a :class:`jaxmetric.data.Dataset` (``train`` is trained on; its
+        ``image_shape`` and ``normalization`` make the state's
+        :class:`~jaxmetric.train.state.InputSpec`).
+      out_dir: run folder (default ``config.out``; one of them is needed):
+        ``config.json``, ``metrics.jsonl`` (one JSON record per epoch: epoch, step, the
+        :data:`~jaxmetric.train.step.METRICS` means, lr, images_per_second,
+        epoch_seconds, plus the hook's keys) and ``checkpoints/``.
+      resume: continue from the latest complete checkpoint in ``out_dir`` (at the start
+        of the following epoch). Without one this raises ``FileNotFoundError``: a
+        resume that silently started over could hide a wrong path. Without ``resume``,
+        a folder that already holds a run raises ``FileExistsError``.
+      eval_hook: ``hook(state, epoch) -> dict`` called after epochs that are multiples
+        of ``config.eval_every`` and after the last one; its dict is merged into the
+        epoch's record (e.g. precision@1 from :func:`make_embed_fn`).
+      mesh: 1-D ``("batch",)`` mesh to train on (default :func:`make_mesh`: every
+        device of every process).
+      progress: show a tqdm bar per epoch (on process 0).
+      slow_cpu_hint: a shorter command to suggest when the run has no accelerator and
+        its estimated training time is long (see :mod:`jaxmetric.monitor`).
+
+    **What it says** (logger ``jaxmetric.train``, on process 0): one setup line at INFO
+    (devices, data sizes, parameter count, steps), the estimated training time after
+    the first timed steps (a WARNING with ``slow_cpu_hint`` when no accelerator is
+    present and the run is long), one line per epoch (loss, active fraction, images/s,
+    and precision@1 when the hook measured it), and a WARNING if the embeddings look
+    collapsed (:class:`jaxmetric.monitor.CollapseDetector`).
+
+    **Divergence.** When the loss, the gradient norm or the parameter norm of any step
+    turns NaN/inf (checked every ``log_every`` steps), ``fit`` raises
+    ``FloatingPointError`` naming the quantity and the last good checkpoint; nothing of
+    that epoch is saved.
+
+    **Several processes** (after :func:`jaxmetric.distributed.initialize`): every
+    process calls ``fit`` with the same config and the same ``dataset`` and a mesh over
+    all processes' devices (the default). Each process keeps the whole training set in
+    host memory and puts it on its own devices (fine for CIFAR-sized data; checked to be
+    identical on all processes), computes every global batch of indices from
+    ``(seed, epoch)`` itself and feeds only its devices' slice of it; the losses gather
+    the embeddings over the whole mesh, so mining sees the global batch. All processes
+    take part in saving and restoring checkpoints (orbax coordinates them: the run
+    folder must be on a file system they all share); process 0 alone writes
+    ``config.json`` and ``metrics.jsonl`` and shows progress. ``eval_hook`` runs on
+    every process (embedding is a collective); compute metrics on process 0 and
+    broadcast them if every process needs the record. The returned state is replicated
+    over the mesh (read it with :func:`jaxmetric.distributed.to_host`).
+    """
+    from tqdm.auto import tqdm
+
+    if out_dir is None and config.out is None:
+        raise ValueError("fit needs a run folder: pass out_dir or set config.out")
+    out_dir = pathlib.Path(config.out if out_dir is None else out_dir)
+    mesh = make_mesh() if mesh is None else mesh
+    if mesh.axis_names != (AXIS,):
+        raise ValueError(f"mesh must be 1-D with axis {AXIS!r}; got axes {mesh.axis_names}")
+    distributed.check_mesh_spans_processes(mesh)
+    config.check_devices(mesh.size)
+    primary = jax.process_index() == 0
+    progress = progress and primary
+    train = dataset.train
+    steps = sampling.steps_per_epoch(len(train), config.batch_size)
+    distributed.check_same_data(train.images, train.labels)
+    prepare_run_dir(out_dir, config, resume)
+
+    dtype = jnp.dtype(config.dtype)
+    state, train_key = initial_state(config, steps, mesh, InputSpec.of(dataset))
+    replicated = NamedSharding(mesh, P())
+    if primary:
+        _log_setup(config, dataset, state, mesh, steps)
+    accelerator = any(d.platform != "cpu" for d in mesh.devices.flat)
+    collapse = monitor.CollapseDetector(patience=max(steps, 20))
+    timed = min(steps - 1, 10)  # steps timed after the compiling first one
+
+    ckpt_dir = out_dir / "checkpoints"
+    manager = checkpoint_manager(ckpt_dir, config.keep_checkpoints)
+    start_epoch = 0
+    try:
+        if resume:
+            start_epoch = manager.latest_step()
+            distributed.check_same_value(
+                start_epoch, f"latest checkpoints in {ckpt_dir} (it must be on a file "
+                "system shared by every process)")
+            state, train_key = restore_checkpoint(manager, start_epoch, state, train_key)
+            if primary:
+                truncate_metrics(out_dir / "metrics.jsonl", start_epoch)
+            log.info("resumed %s at epoch %d (step %d)", out_dir, start_epoch, int(state.step))
+
+        step_fn = make_train_step(make_loss_fn(config), mesh, augment=config.augment,
+                                  dtype=dtype)
+        # Every process holds the whole training set and puts it on its own devices.
+        images = distributed.put(train.images, replicated)
+        labels = distributed.put(train.labels, replicated)
+        sharded = NamedSharding(mesh, P(AXIS))
+        key = jax.random.wrap_key_data(train_key)
+
+        for epoch in range(start_epoch, config.epochs):
+            # The same global batches on every process; each feeds its devices' slice.
+            indices = epoch_indices(config, train.labels, epoch)
+            bar = tqdm(total=steps * config.batch_size, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       unit="img", unit_scale=True, disable=not progress, leave=False)
+            start = time.perf_counter()
+            pending, done = [], []
+            first = epoch == start_epoch
+            for i in range(steps):
+                state, metrics = step_fn(state, images, labels,
+                                         distributed.put(indices[i], sharded), key)
+                pending.append(metrics)
+                bar.update(config.batch_size)
+                if first and timed > 0 and i in (0, timed):
+                    jax.block_until_ready(metrics)  # once per run: time steps 2..timed+1
+                    if i == 0:
+                        t0 = time.perf_counter()
+                    elif primary:
+                        per_step = (time.perf_counter() - t0) / timed
+                        left = (config.epochs - epoch) * steps - i - 1
+                        log.info(monitor.estimate_line(per_step, left, config.batch_size))
+                        warning = monitor.slow_cpu_warning(per_step * left,
+                                                           accelerator=accelerator,
+                                                           hint=slow_cpu_hint)
+                        if warning:
+                            log.warning(warning)
+                if len(pending) == config.log_every or i == steps - 1:
+                    done.append(_mean_metrics(pending) | {"n": len(pending)})
+                    pending = []
+                    _check_finite(done[-1], epoch, int(state.step), ckpt_dir,
+                                  manager.latest_step())
+                    warning = collapse.update(done[-1], done[-1]["n"])
+                    if warning and primary:
+                        log.warning("epoch %d: %s", epoch + 1, warning)
+                    bar.set_postfix(loss=f"{done[-1]['loss']:.4f}",
+                                    active=f"{done[-1]['active_fraction']:.3f}")
+            seconds = time.perf_counter() - start
+            bar.close()
+
+            record = {"epoch": epoch + 1, "step": int(state.step)}
+            for k in METRICS:
+                if k != "lr":
+                    record[k] = sum(d[k] * d["n"] for d in done) / steps
+            record |= {"lr": done[-1]["lr"],
+                       "images_per_second": steps * config.batch_size / seconds,
+                       "epoch_seconds": seconds}
+            if eval_hook is not None and ((epoch + 1) % config.eval_every == 0
+                                          or epoch + 1 == config.epochs):
+                extra = eval_hook(state, epoch + 1)
+                if not isinstance(extra, Mapping):
+                    raise TypeError(f"eval_hook must return a dict; got {type(extra).__name__}")
+                record |= dict(extra)
+
+            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+                save_checkpoint(manager, epoch + 1, state, jax.random.key_data(key))
+            if primary:
+                append_record(out_dir / "metrics.jsonl", record)
+                log.info(epoch_line(record, config.epochs))
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+    return state

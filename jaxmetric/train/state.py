@@ -1,0 +1,154 @@
+"""What a run trains: :class:`TrainState`, its optimizer and learning-rate schedule.
+
+* :class:`InputSpec` -- what the model needs to know about its input images: their
+  shape (for initialisation) and the per-channel statistics that normalise them. It is
+  read off the data set (:meth:`InputSpec.of`), travels with the state (so the step and
+  the embedding function normalise alike) and is recorded in every checkpoint;
+* :func:`make_optimizer` -- SGD-Nesterov with coupled L2 decay, or AdamW with decoupled
+  decay; neither decays BatchNorm parameters or biases (:func:`decay_mask`);
+* :func:`make_schedule` -- linear warm-up, then cosine decay to 0;
+* :func:`create_train_state` / :func:`initial_state` -- a fresh state (the latter
+  deterministic in the seed, identical on every process and replicated over a mesh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmetric import distributed
+from jaxmetric.config import TrainConfig
+from jaxmetric.models import create_model
+from jaxmetric.train.mesh import AXIS
+
+__all__ = [
+    "InputSpec",
+    "TrainState",
+    "create_train_state",
+    "decay_mask",
+    "initial_state",
+    "make_optimizer",
+    "make_schedule",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """Shape and normalisation of a model's input images.
+
+    Attributes:
+      shape: ``(H, W, C)`` of one image.
+      mean, std: per-channel statistics in [0, 1] units for
+        :func:`jaxmetric.augment.normalize`.
+    """
+
+    shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"InputSpec.shape must be (H, W, C); got {self.shape}")
+        channels = self.shape[-1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"InputSpec needs one mean and one std per channel ({channels}); "
+                             f"got {self.mean} and {self.std}")
+        if min(self.std) <= 0:
+            raise ValueError(f"InputSpec.std must be > 0; got {self.std}")
+
+    @classmethod
+    def of(cls, source) -> InputSpec:
+        """The spec of a :class:`jaxmetric.data.Dataset` (its ``image_shape`` and
+        ``normalization``); an :class:`InputSpec` is returned as is."""
+        if isinstance(source, InputSpec):
+            return source
+        mean, std = source.normalization
+        return cls(source.image_shape, mean, std)
+
+    def to_dict(self) -> dict[str, list]:
+        return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Sequence]) -> InputSpec:
+        return cls(d["shape"], d["mean"], d["std"])
+
+
+class TrainState(train_state.TrainState):
+    """flax ``TrainState`` plus BatchNorm running statistics, the lr schedule and the
+    :class:`InputSpec` (static: not saved as arrays, recorded in the checkpoint meta)."""
+
+    batch_stats: Any = None
+    schedule: Callable = flax.struct.field(pytree_node=False, default=None)
+    inputs: InputSpec = flax.struct.field(pytree_node=False, default=None)
+
+
+def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up from 0 to ``config.peak_lr``, then cosine decay to 0."""
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup * steps_per_epoch))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.peak_lr, warmup_steps=warmup,
+        decay_steps=max(total, warmup + 1), end_value=0.0)
+
+
+def decay_mask(params):
+    """True for kernels (ndim > 1); BatchNorm scales/biases and biases get no decay."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """SGD-Nesterov with coupled (L2) decay, or AdamW with decoupled decay."""
+    if config.optimizer == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(config.decay, mask=decay_mask),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+    return optax.adamw(schedule, b1=config.momentum, weight_decay=config.decay, mask=decay_mask)
+
+
+def create_train_state(rng: jax.Array, model, config: TrainConfig, steps_per_epoch: int,
+                       inputs) -> TrainState:
+    """Initialise ``model`` on one image of ``inputs`` (an :class:`InputSpec` or a data
+    set, see :meth:`InputSpec.of`) and attach the optimizer."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    inputs = InputSpec.of(inputs)
+    # Jitted: un-jitted, flax runs every initialiser op by op (seconds for a ResNet).
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(rng, jnp.zeros((1, *inputs.shape), jnp.float32))
+    schedule = make_schedule(config, steps_per_epoch)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables["batch_stats"],
+                             tx=make_optimizer(config, schedule), schedule=schedule,
+                             inputs=inputs)
+
+
+def initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh, inputs):
+    """Fresh replicated state and training key for ``config`` (deterministic in seed).
+
+    ``inputs``: an :class:`InputSpec` or the data set (:meth:`InputSpec.of`). Returns
+    ``(state, train_key_data)``, both replicated over ``mesh``.
+    """
+    model = create_model(config.model, embed_dim=config.embed_dim, dtype=jnp.dtype(config.dtype),
+                         stem=config.stem, bn_axis_name=AXIS,
+                         weight_init=config.weight_init)
+    root = jax.random.key(config.seed)
+    state = create_train_state(jax.random.fold_in(root, 0), model, config, steps_per_epoch,
+                               inputs)
+    train_key = jax.random.key_data(jax.random.fold_in(root, 1))
+    if mesh.is_multi_process:
+        # Every process initialised from the same seed; process 0's values win.
+        state, train_key = distributed.broadcast_from_primary((state, train_key))
+    return distributed.put((state, train_key), NamedSharding(mesh, P()))
