@@ -134,9 +134,9 @@ def resolve_data(path: str | None) -> pathlib.Path:
 
 
 def data_note(path) -> str:
-    from jaxmetric.report import dataset_note
+    from jaxmetric.data import cifar10_description
 
-    return dataset_note(path)
+    return cifar10_description(path)
 
 
 def parse_jax_set(items) -> dict:

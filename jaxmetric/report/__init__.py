@@ -13,7 +13,7 @@ imports it. For a run folder it writes
 * :mod:`~jaxmetric.report.markdown` -- :func:`write_report`, the ``report.md`` writer;
 * :mod:`~jaxmetric.report.run` -- :func:`evaluate_state` (embed, score, draw, write),
   :func:`precision_at_1_hook` for the per-epoch P@1 during training, :func:`embed_splits`,
-  :func:`dataset_note`, :func:`summary_line`;
+  :func:`summary_line`; the data is named by its ``Dataset.description``;
 * :mod:`~jaxmetric.report.cli` -- :func:`main`, the command line of
   ``python -m jaxmetric.evaluate``.
 
@@ -27,7 +27,6 @@ from jaxmetric.report.cli import main
 from jaxmetric.report.markdown import write_report
 from jaxmetric.report.run import (
     EMBED_BATCH,
-    dataset_note,
     embed_splits,
     evaluate_state,
     precision_at_1_hook,
@@ -36,7 +35,6 @@ from jaxmetric.report.run import (
 
 __all__ = [
     "EMBED_BATCH",
-    "dataset_note",
     "embed_splits",
     "evaluate_state",
     "main",

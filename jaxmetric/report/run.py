@@ -16,13 +16,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmetric import evaluate, visualize
+from jaxmetric import distributed, evaluate, visualize
 from jaxmetric.report.markdown import write_report
 from jaxmetric.utils import write_atomic
 
 __all__ = [
     "EMBED_BATCH",
-    "dataset_note",
     "embed_splits",
     "evaluate_state",
     "precision_at_1_hook",
@@ -30,17 +29,6 @@ __all__ = [
 ]
 
 EMBED_BATCH = 1024
-
-
-def dataset_note(data_dir) -> str:
-    """How to describe the data in reports (the JPEG mirror is not the original)."""
-    if data_dir is None:
-        return "CIFAR-10 (tensorflow-datasets)"
-    name = pathlib.Path(str(data_dir)).name.lower()
-    if "jpeg" in name or "jpg" in name:
-        return (f"CIFAR-10 (JPEG q75 copy, {pathlib.Path(str(data_dir)).name}: pixels differ "
-                "slightly from the official release)")
-    return f"CIFAR-10 ({pathlib.Path(str(data_dir)).name})"
 
 
 def embed_splits(state, dataset, *, mesh=None, progress: bool = True):
@@ -73,10 +61,7 @@ def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False):
                 test_emb, dataset.test.labels, train_emb, dataset.train.labels, ks=(1,)
             )
             p1 = float(m["precision_at_1"])
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            p1 = float(multihost_utils.broadcast_one_to_all(np.float32(p1)))
+        p1 = float(distributed.broadcast_from_primary(np.float32(p1)))
         return {"precision_at_1": p1}
 
     return hook
@@ -102,14 +87,15 @@ def evaluate_state(
     """Embed, score, draw and report a trained ``state``; returns the metrics dict.
 
     Every process takes part in embedding; process 0 alone computes the metrics and
-    writes files (the others return an empty dict).
+    writes files (the others return an empty dict). The data is named in the report and
+    in ``metrics["run"]["dataset"]`` by ``dataset.description`` where it has one.
     """
     run_dir = pathlib.Path(run_dir)
     train_emb, test_emb = embed_splits(state, dataset, mesh=mesh, progress=progress)
     if jax.process_index() != 0:
         return {}
     config = dict(config or {})
-    note = dataset_note(config.get("data_dir"))
+    note = getattr(dataset, "description", None)
     metrics = evaluate.evaluate_embeddings(
         train_emb, dataset.train.labels, test_emb, dataset.test.labels, progress=progress
     )
