@@ -50,7 +50,8 @@ def collect(run_dir, *, command: str, device: str | None = None) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--command", required=True, help="the command that produced the run")
     p.add_argument("--device", help="default: described from jax.devices()")

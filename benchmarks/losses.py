@@ -60,7 +60,8 @@ def _python_loops_loss(x, labels):
     import numpy as np
 
     b = len(labels)
-    positive_pairs = [(i, j) for i in range(b) for j in range(b) if i != j and labels[i] == labels[j]]
+    positive_pairs = [(i, j) for i in range(b) for j in range(b)
+                      if i != j and labels[i] == labels[j]]
     triplets = [(a, p, n) for (a, p) in positive_pairs for n in range(b) if labels[a] != labels[n]]
     total = 0.0
     for a, p, n in triplets:
@@ -188,7 +189,8 @@ def main(argv=None):
 
     from jaxmetric.losses import MINING_MODES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024, 4096, 16384])
     p.add_argument("--modes", nargs="+", default=list(MINING_MODES), choices=MINING_MODES)
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
@@ -203,7 +205,8 @@ def main(argv=None):
 
     import jax
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"jax {jax.__version__} on {jax.devices()[0].platform}")
     print(f"# triplet loss + grad, D={DIM}, {CLASSES} classes, margin {MARGIN}, mean ({machine})")
     print("| impl | mining | B | median s | peak RSS MiB | XLA temp MiB | note |")
     print("|---|---|---|---|---|---|---|")

@@ -577,7 +577,9 @@ def summarise(runs: list[dict], losses, sides) -> dict:
             per[side] = s
         if "jaxmetric" in per and "pml" in per:
             j, p = per["jaxmetric"], per["pml"]
-            ratio = lambda k: (j[k] / p[k]) if j[k] and p[k] else None  # noqa: E731
+            def ratio(k, j=j, p=p):
+                return (j[k] / p[k]) if j[k] and p[k] else None
+
             per["jaxmetric_vs_pml"] = {
                 "precision_at_1_diff_points": 100 * (j["precision_at_1_mean"]
                                                      - p["precision_at_1_mean"]),

@@ -33,7 +33,8 @@ from jaxmetric import evaluate as ev
 from jaxmetric import visualize as vz
 
 
-def make_data(n: int, dim: int, centres: np.ndarray, noise: float, rng) -> tuple[np.ndarray, np.ndarray]:
+def make_data(n: int, dim: int, centres: np.ndarray, noise: float,
+              rng) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors ``normalize(centre_y + noise * g / sqrt(dim))``, ``g ~ N(0, I)``."""
     y = rng.integers(0, len(centres), n)
     x = centres[y] + noise * rng.normal(size=(n, dim)) / np.sqrt(dim)

@@ -84,7 +84,8 @@ def whole_loop(config: TrainConfig, dataset, mesh) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="h200",
                    help="the training recipe to measure (experiments/presets.py)")
     p.add_argument("--model", help="override the preset's network")

@@ -160,8 +160,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     metrics = report.evaluate_state(
-        state, dataset, config.out, config=dataclasses.asdict(config), epoch=config.epochs, mesh=mesh,
-        tsne_points=args.tsne_points, progress=progress,
+        state, dataset, config.out, config=dataclasses.asdict(config), epoch=config.epochs,
+        mesh=mesh, tsne_points=args.tsne_points, progress=progress,
     )
     if jax.process_index() == 0:
         print(f"{config.out}: {report.summary_line(metrics)}")

@@ -26,8 +26,9 @@ are those of the global batch (synchronised BN)::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -182,7 +183,8 @@ class ResNet(nn.Module):
         if self.stem == "cifar":
             x = conv(self.num_filters, (3, 3), name="conv_init")(x)
         else:
-            x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+            x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+                     name="conv_init")(x)
         x = norm(name="bn_init")(x)
         x = self.act(x)
         if self.stem == "imagenet":

@@ -268,7 +268,7 @@ def plot_tsne(
     colours = _class_colours(len(classes))
     fig, ax = plt.subplots(figsize=(8, 8), dpi=100)
     size = 12 if len(y) < 1000 else 4
-    for colour, c in zip(colours, classes):
+    for colour, c in zip(colours, classes, strict=True):
         sel = y == c
         ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=colour, alpha=0.75,
                    linewidths=0, label=_class_name(c, class_names))
@@ -278,8 +278,8 @@ def plot_tsne(
     if title:
         ax.set_title(f"{title} ({len(y)} points)")
     if len(classes) <= 30:
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=2.0 if size >= 12 else 4.0,
-                  frameon=False, fontsize=9)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5),
+                  markerscale=2.0 if size >= 12 else 4.0, frameon=False, fontsize=9)
     return _save(fig, path)
 
 
@@ -294,7 +294,8 @@ def _is_number(value) -> bool:
     )
 
 
-def plot_curves(metrics_records: Sequence[Mapping[str, Any]], path, *, ncols: int = 3) -> pathlib.Path:
+def plot_curves(metrics_records: Sequence[Mapping[str, Any]], path, *,
+                ncols: int = 3) -> pathlib.Path:
     """Training curves from ``metrics.jsonl`` records, one panel per numeric key.
 
     Every numeric key other than ``step``/``epoch`` is plotted (nested dicts are flattened
@@ -336,7 +337,7 @@ def plot_curves(metrics_records: Sequence[Mapping[str, Any]], path, *, ncols: in
     nrows = math.ceil(len(keys) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), dpi=100,
                              squeeze=False)
-    for ax, key in zip(axes.flat, keys):
+    for ax, key in zip(axes.flat, keys, strict=False):  # spare panels are hidden below
         rows = [r for r in records if _is_number(r.get(key))]
         ys = np.array([float(r[key]) for r in rows])
         xkey = next((k for k in _X_KEYS if all(_is_number(r.get(k)) for r in rows)), None)

@@ -28,6 +28,7 @@ def _smoke_args(tarball, out, *extra):
             "--tsne-points", "160", "--no-progress", "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_cli_smoke_run_and_reevaluate(cifar_tarball, tmp_path, isolated_cache, capsys):
     out = tmp_path / "run"
     assert cifar10.main(_smoke_args(cifar_tarball, out)) == 0
@@ -138,6 +139,7 @@ def _small_budget(argv, tarball, out):
             "--tsne-points", "0", "--no-progress", "--data-dir", str(tarball), "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_help_examples_run_at_a_small_budget(cifar_tarball, tmp_path, isolated_cache):
     examples = [argv for argv in _documented_commands()
                 if "--coordinator" not in argv and "--resume" not in argv]

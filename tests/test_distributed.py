@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-import distributed_worker as worker
 from jaxmetric import distributed, train
+
+import distributed_worker as worker
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
 NUM_PROCESSES = 2
@@ -141,6 +142,7 @@ def two_processes(tmp_path_factory):
         return out_dir, [job.result(i) for i in range(NUM_PROCESSES)]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_eight_devices(reference, two_processes):
     ref_dir, ref_params, ref_emb = reference
     out_dir, results = two_processes
@@ -168,6 +170,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(reference, two_
     assert train.finalized_epochs(out_dir / "checkpoints") == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_multi_process_checkpoint_restores_on_one_process(two_processes):
     out_dir, results = two_processes
     _, state, epoch = train.restore_state(out_dir, mesh=Mesh(np.array(jax.devices()[:8]),
@@ -178,6 +181,7 @@ def test_multi_process_checkpoint_restores_on_one_process(two_processes):
                  rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_killed_process_fails_fast_and_job_resumes(two_processes, tmp_path):
     ref_dir, ref_results = two_processes
     out_dir = tmp_path / "run"
@@ -232,6 +236,7 @@ def test_killed_process_fails_fast_and_job_resumes(two_processes, tmp_path):
     assert train.finalized_epochs(ckpt_dir)[-1] == worker.EPOCHS
 
 
+@pytest.mark.slow
 def test_run_folder_not_shared_fails_on_every_process(tmp_path):
     """Per-host run folders (no shared file system): a clear error everywhere, no hang."""
     with Job(tmp_path, "unshared", [tmp_path / "host0" / "run", tmp_path / "host1" / "run"]

@@ -75,7 +75,8 @@ def test_shapes_via_eval_shape(name, stem):
     out, updates = jax.eval_shape(functools.partial(apply_train, model), variables, x)
     assert out.shape == (3, EMBED_DIM) and out.dtype == jnp.float32
     assert set(variables) == {"params", "batch_stats"}
-    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+    assert (jax.tree.structure(updates["batch_stats"])
+            == jax.tree.structure(variables["batch_stats"]))
 
 
 def test_param_counts():
@@ -103,8 +104,8 @@ def test_bfloat16_compute(name):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
 
     out32 = jax.jit(lambda v, x: model32.apply(v, x, train=False))(variables, x)
-    (out16, upd16) = jax.jit(lambda v, x: model16.apply(v, x, train=False, mutable=["batch_stats"]))(
-        variables, x)
+    apply16 = jax.jit(lambda v, x: model16.apply(v, x, train=False, mutable=["batch_stats"]))
+    (out16, upd16) = apply16(variables, x)
     assert out16.dtype == jnp.float32
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(upd16))
     assert_unit_embeddings(out16, 4)
@@ -193,7 +194,8 @@ def test_sync_batchnorm_under_shard_map_matches_single_device():
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5), upd, upd_ref)
     # Without sync, per-device statistics give different embeddings.
     unsynced = jax.jit(jax.shard_map(functools.partial(apply_train, single), mesh=mesh,
-                                     in_specs=(P(), P("batch")), out_specs=(P("batch"), P("batch"))))
+                                     in_specs=(P(), P("batch")),
+                                     out_specs=(P("batch"), P("batch"))))
     assert not np.allclose(unsynced(variables, x)[0], emb_ref, atol=1e-3)
 
 

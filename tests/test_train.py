@@ -67,7 +67,7 @@ def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
     flat_a, tree_a = jax.tree.flatten(jax.device_get(a))
     flat_b, tree_b = jax.tree.flatten(jax.device_get(b))
     assert tree_a == tree_b
-    for x, y in zip(flat_a, flat_b):
+    for x, y in zip(flat_a, flat_b, strict=True):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
@@ -98,7 +98,7 @@ def test_eight_devices_equal_one_device(tmp_path, loss, mining):
         state = jax.device_put(fresh_state(config), replicated)
         step = train.make_train_step(loss_fn, mesh)
         data = jax.device_put((images, labels), replicated)
-        for idx, ref_m in zip(batches, ref_metrics):
+        for idx, ref_m in zip(batches, ref_metrics, strict=True):
             state, m = step(state, *data, jax.device_put(idx, NamedSharding(mesh, P("batch"))),
                             key)
             assert_trees_close(m, ref_m)

@@ -175,7 +175,8 @@ def test_plot_neighbours_greyscale(tmp_path):
     "kwargs,err,match",
     [
         (dict(query_images=_images(2).astype(np.float32)), TypeError, "query_images must be uint8"),
-        (dict(query_labels=np.array([0])), ValueError, "query_labels must have shape \\(Q,\\) = \\(2,\\)"),
+        (dict(query_labels=np.array([0])), ValueError,
+         "query_labels must have shape \\(Q,\\) = \\(2,\\)"),
         (dict(neighbour_images=_images(6).reshape(3, 2, 32, 32, 3)), ValueError,
          "neighbour_images has 3 queries but query_images has 2"),
         (dict(neighbour_images=_images(4, h=16).reshape(2, 2, 16, 32, 3)), ValueError,
@@ -207,5 +208,6 @@ def test_find_neighbours_and_retrieval_examples(tmp_path):
     xr, yr = _clusters(n=60, c=4, seed=0)
     _read_png(vz.plot_retrieval_examples(imgs[:10], y[:10], x[:10], _images(60), yr, xr,
                                          tmp_path / "r2.png", k=2, n_queries=20))
-    with pytest.raises(ValueError, match="reference_images has 40 images but reference_embeddings has 60"):
+    with pytest.raises(ValueError,
+                       match="reference_images has 40 images but reference_embeddings has 60"):
         vz.plot_retrieval_examples(imgs, y, x, imgs, yr, xr, tmp_path / "r3.png")
