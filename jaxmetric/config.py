@@ -1,21 +1,28 @@
 """Every training knob in one place: :class:`TrainConfig`.
 
-The defaults are a ResNet-18 (CIFAR stem) recipe for one GPU, chosen from the standard
-CIFAR-10 ResNet training setup rather than tuned here:
+The defaults are a ResNet-18 (CIFAR stem) recipe for one GPU, from the standard
+CIFAR-10 ResNet training setup, with the loss settings and the initialisation chosen by
+controlled runs against pytorch-metric-learning (README, "Side by side with PyTorch"):
 
 * SGD with Nesterov momentum 0.9, weight decay 5e-4 on the conv/dense kernels only (not
   on BatchNorm scales and biases), a linear warm-up over 5 epochs (a tenth of the run
-  when that is shorter) to a peak learning
-  rate ``0.1 * batch_size / 256`` (Goyal et al.'s linear scaling rule: 0.2 at the
-  default batch of 512) and a cosine decay to 0 over the remaining epochs;
+  when that is shorter) to a peak learning rate ``0.1 * batch_size / 256`` (Goyal et
+  al.'s linear scaling rule: 0.2 at the default batch of 512) and a cosine decay to 0;
 * batch 512: with 10 classes a random batch has ~51 images per class, so every anchor
   has plenty of positives and negatives and no class-balanced sampling is needed
   (``classes_per_batch=None``); 100 epochs with random crop + flip augmentation;
+* PyTorch's default layer initialisation (``weight_init="torch"``): its weights are
+  about half as large as He's, and since every conv is followed by BatchNorm and the
+  head by the L2 normalisation, smaller weights mean a larger effective learning rate.
+  Measured on the CPU recipe (10 epochs, 2 seeds): +5 points of P@1 for both losses;
 * embeddings are L2-normalised, so distances lie in [0, 2] (random unit vectors in
-  high dimension sit near sqrt(2)). The contrastive loss uses margin 1.0 (Hadsell's
-  squared hinge; pytorch-metric-learning's default negative margin for normalised
-  embeddings): negatives closer than 1.0 are pushed apart, positives pulled together.
-  The triplet loss uses FaceNet's margin 0.2 on squared distances with all triplets.
+  high dimension sit near sqrt(2)). The contrastive loss is pytorch-metric-learning's
+  form: a plain hinge (``power=1``) on Euclidean distances with margin 1.0, negatives
+  closer than 1.0 pushed apart and positives pulled together (Hadsell's squared form,
+  ``power=2``, is the library function's default). The triplet loss uses FaceNet's margin 0.2 on squared
+  distances with all triplets. Both average over the non-zero terms
+  (``reduction="mean_nonzero"``): as the easy pairs and triplets pile up, the plain mean
+  shrinks the gradient, the non-zero mean keeps its scale.
 
 ``lr=None`` and ``weight_decay=None`` mean "the default for this optimizer and batch
 size" (see :meth:`TrainConfig.peak_lr`, :meth:`TrainConfig.decay`); an explicit value is
@@ -38,6 +45,7 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 
 DEFAULT_MARGIN = {"contrastive": 1.0, "triplet": 0.2}
+DEFAULT_CONTRASTIVE_POWER = 1.0
 SGD_LR_PER_256 = 0.1
 DEFAULT_WARMUP_EPOCHS = 5.0
 ADAMW_LR = 1e-3
@@ -65,8 +73,8 @@ class TrainConfig:
     stem: str = _field("cifar", "ResNet stem: cifar (3x3 conv) or imagenet (7x7 conv + pool)",
                        choices=STEMS)
     weight_init: str = _field(
-        "he", "weight init: he (He normal, fan-out) or torch (PyTorch's default layer "
-        "init); see jaxmetric.models.kernel_init", choices=INITS)
+        "torch", "weight init: torch (PyTorch's default layer init) or he (He normal, "
+        "fan-out); see jaxmetric.models.kernel_init", choices=INITS)
     dtype: str = _field("float32", "compute dtype of the model and augmentation (params "
                         "stay float32)", choices=DTYPES)
     loss: str = _field("contrastive", "metric-learning loss", choices=LOSSES)
@@ -77,10 +85,11 @@ class TrainConfig:
                                 choices=MINING_MODES)
     squared: bool = _field(True, "triplet only: squared distances (FaceNet); "
                            "--euclidean: plain Euclidean ones", false_flag="--euclidean")
-    power: float = _field(2.0, "contrastive only: exponent of each pair's hinge (2: Hadsell's "
-                          "squared form, 1: pytorch-metric-learning's ContrastiveLoss)")
+    power: float | None = _field(None, "contrastive only: exponent of each pair's hinge (2: "
+                                 "Hadsell's squared form, 1: pytorch-metric-learning's "
+                                 "ContrastiveLoss); None: 1")
     reduction: str = _field(
-        "mean", "how the loss terms are averaged: mean over all selected pairs/triplets, "
+        "mean_nonzero", "how the loss terms are averaged: mean over all selected pairs/triplets, "
         "mean_nonzero over the non-zero ones (pytorch-metric-learning's AvgNonZeroReducer; "
         "contrastive: positive and negative means taken apart and added), or sum",
         choices=REDUCTIONS)
@@ -152,13 +161,14 @@ class TrainConfig:
                 )
             if self.squared is not True:
                 raise ValueError("squared=False applies to the triplet loss only")
-            _number("power", self.power, minimum=0.0, strict=True)
+            if self.power is not None:
+                _number("power", self.power, minimum=0.0, strict=True)
         else:
             if self.pos_margin != 0.0:
                 raise ValueError(
                     f"pos_margin={self.pos_margin} applies to the contrastive loss only"
                 )
-            if self.power != 2.0:
+            if self.power is not None:
                 raise ValueError(f"power={self.power} applies to the contrastive loss only")
         if self.classes_per_batch is not None:
             _int("classes_per_batch", self.classes_per_batch, minimum=1)
@@ -185,6 +195,11 @@ class TrainConfig:
     def loss_margin(self) -> float:
         """The margin actually used: ``margin``, or the loss's default."""
         return DEFAULT_MARGIN[self.loss] if self.margin is None else float(self.margin)
+
+    @property
+    def loss_power(self) -> float:
+        """The contrastive hinge exponent actually used: ``power``, or 1."""
+        return DEFAULT_CONTRASTIVE_POWER if self.power is None else float(self.power)
 
     @property
     def warmup(self) -> float:

@@ -54,7 +54,7 @@ def make_loss_fn(config: TrainConfig) -> Callable:
     """``loss_fn(embeddings, labels, *, axis_name) -> (loss, info)`` for ``config``."""
     if config.loss == "contrastive":
         return functools.partial(losses.contrastive_loss, margin=config.loss_margin,
-                                 pos_margin=config.pos_margin, power=config.power,
+                                 pos_margin=config.pos_margin, power=config.loss_power,
                                  reduction=config.reduction)
     return functools.partial(losses.triplet_loss, margin=config.loss_margin,
                              mining=config.mining or "all", squared=config.squared,
