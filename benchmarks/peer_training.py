@@ -289,6 +289,7 @@ def run_jaxmetric(args, data_path) -> dict:
     result = timing([r["epoch_seconds"] for r in records], train_seconds,
                     steps * config.batch_size)
     result["epoch_loss"] = [r["loss"] for r in records]
+    result["epoch_cpu_seconds"] = [r.get("cpu_seconds") for r in records]
     for r in records:
         print(f"  jaxmetric epoch {r['epoch']}: loss {r['loss']:.4f} "
               f"{r['images_per_second']:.0f} img/s", flush=True)
@@ -446,9 +447,10 @@ def run_pml(args, data_path) -> dict:
                                            epochs=args.epochs,
                                            warmup_epochs=args.warmup_epochs)
         epoch_seconds, epoch_loss, augment_seconds, step = [], [], 0.0, 0
+        epoch_cpu_seconds = []
         for epoch in range(args.epochs):
             model.train()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             order = torch.randperm(n, generator=generator)[: steps * BATCH_SIZE]
             total = 0.0
             for idx in order.view(steps, BATCH_SIZE):
@@ -464,6 +466,7 @@ def run_pml(args, data_path) -> dict:
                 total += loss.item()
                 step += 1
             epoch_seconds.append(time.perf_counter() - t0)
+            epoch_cpu_seconds.append(time.process_time() - c0)
             epoch_loss.append(total / steps)
             if not math.isfinite(epoch_loss[-1]):
                 raise FloatingPointError(f"the PyTorch loss became {epoch_loss[-1]} in epoch "
@@ -478,6 +481,7 @@ def run_pml(args, data_path) -> dict:
         train_seconds = time.perf_counter() - t_start
 
     result = timing(epoch_seconds, train_seconds, steps * BATCH_SIZE)
+    result["epoch_cpu_seconds"] = epoch_cpu_seconds
     result["epoch_loss"] = epoch_loss
     result["augment_seconds"] = augment_seconds
 

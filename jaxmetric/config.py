@@ -19,8 +19,8 @@ controlled runs against pytorch-metric-learning (README, "Side by side with PyTo
   high dimension sit near sqrt(2)). The contrastive loss is pytorch-metric-learning's
   form: a plain hinge (``power=1``) on Euclidean distances with margin 1.0, negatives
   closer than 1.0 pushed apart and positives pulled together (Hadsell's squared form,
-  ``power=2``, is the library function's default). The triplet loss uses FaceNet's margin 0.2 on squared
-  distances with all triplets. Both average over the non-zero terms
+  ``power=2``, is the library function's default). The triplet loss uses FaceNet's
+  margin 0.2 on squared distances with all triplets. Both average over the non-zero terms
   (``reduction="mean_nonzero"``): as the easy pairs and triplets pile up, the plain mean
   shrinks the gradient, the non-zero mean keeps its scale.
 

@@ -110,7 +110,9 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
       out_dir: run folder (default ``config.out``; one of them is needed):
         ``config.json``, ``metrics.jsonl`` (one JSON record per epoch: epoch, step, the
         :data:`~jaxmetric.train.step.METRICS` means, lr, images_per_second,
-        epoch_seconds, plus the hook's keys) and ``checkpoints/``.
+        epoch_seconds, cpu_seconds -- the process's CPU time in the epoch, all threads:
+        on a shared machine images/s depends on the neighbours, CPU seconds per epoch
+        do not --, plus the hook's keys) and ``checkpoints/``.
       resume: continue from the latest complete checkpoint in ``out_dir`` (at the start
         of the following epoch). Without one this raises ``FileNotFoundError``: a
         resume that silently started over could hide a wrong path. Without ``resume``,
@@ -203,7 +205,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
             indices = epoch_indices(config, train.labels, epoch)
             bar = tqdm(total=steps * config.batch_size, desc=f"epoch {epoch + 1}/{config.epochs}",
                        unit="img", unit_scale=True, disable=not progress, leave=False)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             pending, done = [], []
             first = epoch == start_epoch
             for i in range(steps):
@@ -235,6 +237,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
                     bar.set_postfix(loss=f"{done[-1]['loss']:.4f}",
                                     active=f"{done[-1]['active_fraction']:.3f}")
             seconds = time.perf_counter() - start
+            cpu_seconds = time.process_time() - cpu_start
             bar.close()
 
             record = {"epoch": epoch + 1, "step": int(state.step)}
@@ -243,7 +246,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
                     record[k] = sum(d[k] * d["n"] for d in done) / steps
             record |= {"lr": done[-1]["lr"],
                        "images_per_second": steps * config.batch_size / seconds,
-                       "epoch_seconds": seconds}
+                       "epoch_seconds": seconds, "cpu_seconds": cpu_seconds}
             if eval_hook is not None and ((epoch + 1) % config.eval_every == 0
                                           or epoch + 1 == config.epochs):
                 extra = eval_hook(state, epoch + 1)
