@@ -74,8 +74,9 @@ gradient ``jnp.min`` / ``jnp.max`` would give).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import MappingProxyType
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import chex
 import jax
@@ -197,7 +198,7 @@ Strategy = Callable[..., Mined]  # (d, pos, neg, *, margin: float) -> Mined
 
 _STRATEGIES: dict[str, Strategy] = {}
 
-STRATEGIES: "MappingProxyType[str, Strategy]" = MappingProxyType(_STRATEGIES)
+STRATEGIES: MappingProxyType[str, Strategy] = MappingProxyType(_STRATEGIES)
 """Mining mode name -> per-anchor strategy (read-only; the contract is in the module
 docstring)."""
 
@@ -338,7 +339,8 @@ def mine(strategy: Strategy, d: jax.Array, pos: jax.Array, neg: jax.Array, *,
     chunk = max(1, min(rows, _CHUNK_ELEMENTS // max(cols, 1)))
     out = jax.lax.map(lambda a: strategy(*a, margin=margin), (d, pos, neg), batch_size=chunk)
     weights, num_selected, num_active = out
-    chex.assert_shape(weights, (rows, cols), custom_message="mining weights must be (B,) per anchor")
+    chex.assert_shape(weights, (rows, cols),
+                      custom_message="mining weights must be (B,) per anchor")
     chex.assert_shape([num_selected, num_active], (rows,),
                       custom_message="mining counts must be scalars per anchor")
     return Mined(*(jax.lax.stop_gradient(jnp.asarray(x).astype(jnp.float32)) for x in out))

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from jax.sharding import Mesh, PartitionSpec as P
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxmetric import distances, losses, masks
 
@@ -140,7 +142,7 @@ def test_matches_loops(grid, index, reduction):
     for i, (x, labels, valid, name) in enumerate(grid["grid"]):
         ref, n_sel, n_act = _oracle(fn, x, labels, valid=valid, reduction=reduction, **kw)
         np.testing.assert_allclose(loss[i], ref, rtol=2e-4, atol=2e-5, err_msg=name)
-        sel, act = _counts(fn, jax.tree.map(lambda v: v[i], info))
+        sel, act = _counts(fn, jax.tree.map(lambda v, i=i: v[i], info))
         if reduction == "none":
             chex.assert_shape([loss[i], info["anchor_num_selected"][i]], (B,))
             np.testing.assert_array_equal(info["anchor_num_selected"][i], n_sel, err_msg=name)
@@ -212,7 +214,8 @@ def test_distance_argument():
             "c_default": c(x, labels)[0],
             "c_l2": c(x, labels, distance="l2")[0],
             "c_cos": c(x, labels, distance="cosine")[0],
-            "c_cos_fn": c(x, labels, distance=lambda a, b: distances.cross_cosine_distances(a, b))[0],
+            "c_cos_fn": c(x, labels,
+                          distance=lambda a, b: distances.cross_cosine_distances(a, b))[0],
         }
 
     out = {k: float(v) for k, v in run(x).items()}
@@ -250,9 +253,10 @@ def test_finite_gradients_with_coincident_embeddings(fill):
 
     @jax.jit
     def grads(x):
-        return [jax.grad(lambda e: fn(e, labels, **kw)[0])(x) for fn, kw in configs]
+        return [jax.grad(lambda e, fn=fn, kw=kw: fn(e, labels, **kw)[0])(x)
+                for fn, kw in configs]
 
-    for g, config in zip(grads(x), configs):
+    for g, config in zip(grads(x), configs, strict=True):
         assert np.isfinite(np.asarray(g)).all(), _config_id(config)
 
 
@@ -308,7 +312,8 @@ def test_property_contrastive(b, n_classes, seed):
     x = np.round(rng.normal(size=(b, 3))).astype(np.float32)
     labels = rng.integers(0, n_classes, b)
     loss, _ = losses.contrastive_loss(x, labels, margin=1.5)
-    np.testing.assert_allclose(float(loss), oracles.contrastive(x, labels, margin=1.5)[0], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(float(loss), oracles.contrastive(x, labels, margin=1.5)[0],
+                               rtol=2e-4, atol=2e-5)
 
 
 
@@ -339,10 +344,11 @@ def test_contrastive_grad_matches_finite_differences():
     x = rng.normal(size=(7, 3)).astype(np.float64) * 0.4
     labels = np.array([0, 0, 1, 1, 1, 2, 2])
     for power in (1, 2):
-        f64 = lambda e: oracles.contrastive(e, labels, margin=1.0, power=power)[0]  # noqa: E731
-        g = jax.grad(lambda e: losses.contrastive_loss(e, labels, margin=1.0, power=power)[0])(
-            x.astype(np.float32)
-        )
+        f64 = lambda e, power=power: oracles.contrastive(  # noqa: E731
+            e, labels, margin=1.0, power=power)[0]
+        g = jax.grad(
+            lambda e, power=power: losses.contrastive_loss(e, labels, margin=1.0, power=power)[0]
+        )(x.astype(np.float32))
         np.testing.assert_allclose(np.asarray(g), _numeric_grad(f64, x), atol=2e-3)
 
 
@@ -359,11 +365,14 @@ def test_cosine_grad_matches_finite_differences():
 
     @jax.jit
     def grads(e):
-        return [jax.grad(lambda e: fn(e, labels, distance="cosine", **kw)[0])(e) for fn, kw in cases]
+        return [jax.grad(lambda e, fn=fn, kw=kw: fn(e, labels, distance="cosine", **kw)[0])(e)
+                for fn, kw in cases]
 
-    for g, (fn, kw) in zip(grads(x.astype(np.float32)), cases):
-        f64 = lambda e: _oracle(fn, e, labels, distance="cosine", **kw)[0]  # noqa: E731
-        np.testing.assert_allclose(np.asarray(g), _numeric_grad(f64, x), atol=2e-3, err_msg=str(kw))
+    for g, (fn, kw) in zip(grads(x.astype(np.float32)), cases, strict=True):
+        f64 = lambda e, fn=fn, kw=kw: _oracle(  # noqa: E731
+            fn, e, labels, distance="cosine", **kw)[0]
+        np.testing.assert_allclose(np.asarray(g), _numeric_grad(f64, x), atol=2e-3,
+                                   err_msg=str(kw))
 
 
 def test_bfloat16_inputs():
@@ -497,8 +506,10 @@ def test_bad_input_messages():
         (lambda: losses.triplet_loss(jnp.ones(4), y), ValueError, "embeddings must have shape"),
         (lambda: losses.triplet_loss(x, y[:, None]), ValueError, "labels must have shape"),
         (lambda: losses.triplet_loss(x, y[:3]), ValueError, "disagree on the batch size"),
-        (lambda: losses.contrastive_loss(x, y.astype(float)), TypeError, "labels must be an integer"),
-        (lambda: losses.triplet_loss(x, y, mining="hardest"), ValueError, "unknown mining 'hardest'"),
+        (lambda: losses.contrastive_loss(x, y.astype(float)), TypeError,
+         "labels must be an integer"),
+        (lambda: losses.triplet_loss(x, y, mining="hardest"), ValueError,
+         "unknown mining 'hardest'"),
         (lambda: losses.contrastive_loss(x, y, reduction="avg"), ValueError, "unknown reduction"),
         (lambda: losses.triplet_loss(x[:1], y[:1]), ValueError, "at least 2"),
         (lambda: losses.triplet_loss(x, y, margin=-0.1), ValueError, "margin must be >= 0"),
@@ -539,7 +550,7 @@ def test_nonfinite_under_shard_map():
     row = 5  # on device 2
 
     def local(e, y, v):
-        out = [jax.value_and_grad(lambda e: fn(e, y, valid=v, axis_name="batch")[0])(e)
+        out = [jax.value_and_grad(lambda e, fn=fn: fn(e, y, valid=v, axis_name="batch")[0])(e)
                for fn in fns]
         return [loss[None] for loss, _ in out], [g for _, g in out]
 

@@ -12,7 +12,6 @@ from jaxmetric import losses, mining
 
 import oracles
 
-
 # ------------------------------------------------------------------- sort_permutation
 
 
@@ -34,7 +33,7 @@ def test_sort_permutation_is_a_stable_argsort(n):
     keys = _key_rows(np.random.default_rng(n), n)
     perm = np.asarray(jax.jit(jax.vmap(mining.sort_permutation))(keys))
     assert perm.dtype == np.int32
-    for row, p in zip(keys, perm):
+    for row, p in zip(keys, perm, strict=True):
         np.testing.assert_array_equal(p, np.argsort(row, kind="stable"))
 
 
@@ -93,7 +92,7 @@ def test_window_weights_match_brute_force(quantised):
         return [jax.vmap(functools.partial(mining.window_weights, shift=s, strict=st))(d, pos, neg)
                 for s, st in cases]
 
-    for (shift, strict), (w, count) in zip(cases, run(d, pos, neg)):
+    for (shift, strict), (w, count) in zip(cases, run(d, pos, neg), strict=True):
         assert w.dtype == jnp.int32 and count.dtype == jnp.int32
         for i in range(len(d)):
             ref_w, ref_count = _brute_window(d[i], pos[i], neg[i], shift, strict)
@@ -159,7 +158,7 @@ def test_strategy_matches_oracle(strategy_results, mode, margin):
                                         list(np.flatnonzero(pos[i])),
                                         list(np.flatnonzero(neg[i])), margin)
         terms = [max(float(d[i, p]) - float(d[i, q]) + margin, 0.0) for p, q in triplets]
-        active = [(p, q) for (p, q), t in zip(triplets, terms) if t > 0]
+        active = [(p, q) for (p, q), t in zip(triplets, terms, strict=True) if t > 0]
         assert float(out.num_selected[i]) == len(triplets), i
         assert float(out.num_active[i]) == len(active), i
         w = np.asarray(out.weights[i])
