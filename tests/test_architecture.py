@@ -276,3 +276,30 @@ def test_importing_visualize_loads_neither_report_nor_training():
     loaded = _loaded_by("import jaxmetric.visualize")
     upper = ("jaxmetric.report", "jaxmetric.train", "jaxmetric.data", "orbax", "flax.training")
     assert [m for m in loaded if any(m == u or m.startswith(u + ".") for u in upper)] == []
+
+
+def test_readme_code_map_names_every_module():
+    """Every module of the package and the experiments appears in README's code map."""
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("| file | concept |"):readme.index("## Install")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    named = set()
+    for row in rows:
+        cell = row.split("|")[1]
+        folder = ""
+        for name in re.findall(r"`([^`]+)`", cell):
+            if name.endswith("/"):
+                folder = name
+            elif "/" in name:
+                named.add(name)
+                folder = name.rsplit("/", 1)[0] + "/"
+            else:
+                named.add(folder + name)
+    modules = {str(p.relative_to(root)) for top in ("jaxmetric", "experiments")
+               for p in (root / top).rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    assert modules - named == set(), "modules missing from README's code map"
+    assert named - modules == set(), "README's code map names files that do not exist"
