@@ -37,6 +37,7 @@ from typing import Any
 
 from jaxmetric.losses import MINING_MODES, REDUCTIONS
 from jaxmetric.models import INITS, MODEL_NAMES, STEMS
+from jaxmetric.utils import check_choice
 
 __all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "DTYPES"]
 
@@ -128,7 +129,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if "choices" in f.metadata and value is not None:
-                _choice(f.name, value, f.metadata["choices"])
+                check_choice(f.name, value, f.metadata["choices"])
         for name in ("embed_dim", "epochs", "batch_size", "eval_every", "log_every",
                      "keep_checkpoints", "checkpoint_every"):
             _int(name, getattr(self, name), minimum=1)
@@ -243,11 +244,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
         return cls(**d)
-
-
-def _choice(name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(options)}")
 
 
 def _int(name: str, value, *, minimum: int) -> None:
