@@ -14,7 +14,7 @@ controlled runs against pytorch-metric-learning (README, "Side by side with PyTo
 * PyTorch's default layer initialisation (``weight_init="torch"``): its weights are
   about half as large as He's, and since every conv is followed by BatchNorm and the
   head by the L2 normalisation, smaller weights mean a larger effective learning rate.
-  Measured on the CPU recipe (10 epochs, 2 seeds): +5 points of P@1 for both losses;
+  Measured on the CPU recipe (10 epochs, 2 seeds): +4 to +5 points of P@1;
 * embeddings are L2-normalised, so distances lie in [0, 2] (random unit vectors in
   high dimension sit near sqrt(2)). The contrastive loss is pytorch-metric-learning's
   form: a plain hinge (``power=1``) on Euclidean distances with margin 1.0, negatives
