@@ -437,12 +437,7 @@ def run_pml(args, data_path) -> dict:
         ckpt = pathlib.Path(tmp) / "checkpoint.pt"
         t_start = time.perf_counter()
         model = torch_model(args.torch_init)
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": WEIGHT_DECAY},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=0.0, momentum=MOMENTUM, nesterov=True)
+        optimizer = torch_optimizer(model, lr=0.0)
         lr_at = lambda s: warmup_cosine_lr(s, steps_per_epoch=steps,  # noqa: E731
                                            epochs=args.epochs,
                                            warmup_epochs=args.warmup_epochs)
@@ -471,11 +466,7 @@ def run_pml(args, data_path) -> dict:
             if not math.isfinite(epoch_loss[-1]):
                 raise FloatingPointError(f"the PyTorch loss became {epoch_loss[-1]} in epoch "
                                          f"{epoch + 1}")
-            tmp_file = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1, "step": step,
-                        "generator": generator.get_state()}, tmp_file)
-            os.replace(tmp_file, ckpt)
+            torch_checkpoint(ckpt, model, optimizer, generator, epoch + 1, step)
             print(f"  pml epoch {epoch + 1}: loss {epoch_loss[-1]:.4f} "
                   f"{steps * BATCH_SIZE / epoch_seconds[-1]:.0f} img/s", flush=True)
         train_seconds = time.perf_counter() - t_start
@@ -527,6 +518,45 @@ def run_pml(args, data_path) -> dict:
     return result
 
 
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON, written whole or not at all
+    (:func:`jaxmetric.utils.write_atomic`)."""
+    from jaxmetric.utils import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=1, default=float) + "\n")
+
+
+def torch_optimizer(model, lr: float, weight_decay: float = WEIGHT_DECAY):
+    """SGD with Nesterov momentum, weight decay on kernels (ndim > 1) only: jaxmetric's
+    ``make_optimizer`` for ``optimizer="sgd"``."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=MOMENTUM, nesterov=True)
+
+
+def torch_checkpoint(path, model, optimizer, generator, epoch: int, step: int) -> None:
+    """What the PyTorch loop saves every epoch, written whole or not at all."""
+    import torch
+
+    from jaxmetric.utils import atomic_writer
+
+    with atomic_writer(path, "wb") as f:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "step": step, "generator": generator.get_state()}, f)
+
+
+def run_child(cmd: list[str], run_json: pathlib.Path) -> tuple[dict | None, str | None]:
+    """Run one benchmark process; ``(its JSON result, None)`` or ``(None, the error)``."""
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0 or not run_json.exists():
+        return None, f"exit status {proc.returncode}"
+    return json.loads(run_json.read_text()), None
+
+
 def run_one(args) -> int:
     data_path = resolve_data(args.data)
     fn = run_jaxmetric if args.side == "jaxmetric" else run_pml
@@ -534,12 +564,8 @@ def run_one(args) -> int:
     result |= fn(args, data_path)
     result["data_path"] = str(data_path)
     result["environment"] = environment()
-    text = json.dumps(result, indent=1, default=float) + "\n"
     if args.json:
-        path = pathlib.Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_json(args.json, result)
     print(f"{args.side} {args.loss} seed {args.seed}: P@1 {result['precision_at_1']:.4f} "
           f"R-precision {result['r_precision']:.4f}, train {result['train_seconds']:.1f} s "
           f"({result['images_per_second']:.0f} img/s)", flush=True)
@@ -698,9 +724,7 @@ def drive(args, argv) -> int:
         doc["checks"] = checks(doc["runs"])
         if out_path is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out_path.with_name(out_path.name + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=1, default=float) + "\n")
-            os.replace(tmp, out_path)
+            write_json(out_path, doc)
 
     with tempfile.TemporaryDirectory(prefix="peer-training-") as tmp:
         for k, (loss, seed, side) in enumerate(plan):
@@ -720,13 +744,9 @@ def drive(args, argv) -> int:
                 cmd += ["--torch-init", args.torch_init, "--torch-reducer", args.torch_reducer]
             print(f"[{k + 1}/{len(plan)}] {SIDE_NAMES[side]}, {loss}, seed {seed}", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=REPO)
-            if proc.returncode != 0 or not run_json.exists():
-                doc["runs"].append({"side": side, "loss": loss, "seed": seed,
-                                    "error": f"exit status {proc.returncode}",
-                                    "wall_seconds": time.perf_counter() - t0})
-            else:
-                doc["runs"].append(json.loads(run_json.read_text()))
+            run, error = run_child(cmd, run_json)
+            doc["runs"].append(run or {"side": side, "loss": loss, "seed": seed, "error": error,
+                                       "wall_seconds": time.perf_counter() - t0})
             write()
 
     n_train = f"{args.max_train:,}"

@@ -82,13 +82,16 @@ import tempfile
 import time
 
 from benchmarks.peer_training import (  # stdlib-only at import time: safe for both sides
-    MOMENTUM,
     REPO,
     TorchAugment,
     environment,
+    run_child,
+    torch_checkpoint,
     torch_loss,
     torch_model,
+    torch_optimizer,
     warmup_cosine_lr,
+    write_json,
 )
 
 SIDES = ("jaxmetric", "torch")
@@ -354,17 +357,6 @@ def torch_resnet18():
     return ResNet18()
 
 
-def torch_optimizer(model, lr: float, weight_decay: float):
-    """The SGD setup of benchmarks.peer_training: Nesterov, decay on ndim > 1 only."""
-    import torch
-
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=MOMENTUM, nesterov=True)
-
-
 def run_torch(args) -> dict:
     import torch
 
@@ -452,10 +444,7 @@ def run_torch(args) -> dict:
         path = pathlib.Path(tmp) / "checkpoint.pt"
 
         def save():
-            tmp_file = path.with_name(path.name + ".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": 1, "step": 1, "generator": generator.get_state()}, tmp_file)
-            os.replace(tmp_file, path)
+            torch_checkpoint(path, model, optimizer, generator, 1, 1)
 
         times["checkpoint"] = timed(save, reps, warmup=1)
         checkpoint_bytes = dir_bytes(path)
@@ -487,11 +476,7 @@ def run_torch(args) -> dict:
                 total += loss.item()
                 global_step += 1
             epoch_seconds.append(time.perf_counter() - t0)
-            tmp_file = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1, "step": global_step,
-                        "generator": generator.get_state()}, tmp_file)
-            os.replace(tmp_file, ckpt)
+            torch_checkpoint(ckpt, model, optimizer, generator, epoch + 1, global_step)
     times["loop"] = [1e3 * epoch_seconds[-1] / steps]
 
     return {"times_ms": times, "checkpoint_bytes": checkpoint_bytes,
@@ -505,11 +490,10 @@ def run_side(args) -> int:
     result |= run_jaxmetric(args) if args.side == "jaxmetric" else run_torch(args)
     result["wall_seconds"] = time.perf_counter() - t0
     result["load_average_after"] = os.getloadavg()  # 1, 5, 15 min: other work running
-    text = json.dumps(result, indent=1) + "\n"
     if args.json:
-        pathlib.Path(args.json).write_text(text)
+        write_json(args.json, result)
     else:
-        print(text)
+        print(json.dumps(result, indent=1))
     return 0
 
 
@@ -605,11 +589,11 @@ def drive(args, argv) -> int:
                        "--reps", str(args.reps), "--json", str(run_json)]
                 print(f"[{rep + 1}/{args.repeat}] {side}", flush=True)
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, cwd=REPO)
-                if proc.returncode != 0 or not run_json.exists():
-                    failed.append(f"{side} (repeat {rep + 1}): exit status {proc.returncode}")
+                run, error = run_child(cmd, run_json)
+                if run is None:
+                    failed.append(f"{side} (repeat {rep + 1}): {error}")
                     continue
-                run = json.loads(run_json.read_text()) | {"repeat": rep + 1}
+                run |= {"repeat": rep + 1}
                 doc["runs"].append(run)
                 print(f"  {side}: step {statistics.median(run['times_ms']['step']):.1f} ms, "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -618,7 +602,7 @@ def drive(args, argv) -> int:
     doc["git_after"] = git_state()
     if out_path is not None and doc["runs"]:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(out_path, doc)
     env = doc["environment"]
     git = doc["git"]
     header = (f"{args.model}, batch {args.batch_size}, float32, {args.loss} loss in the step, "
