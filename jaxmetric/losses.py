@@ -97,67 +97,26 @@ References:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from typing import NamedTuple
-
-import chex
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxmetric import distances
+from jaxmetric import batch as batch_lib
+from jaxmetric import distances, reductions
 from jaxmetric import mining as mining_lib
-from jaxmetric.parallel import varying_axes
-from jaxmetric.utils import check_choice
+from jaxmetric.reductions import REDUCTIONS, Terms, safe_mean
+from jaxmetric.utils import check_choice, check_number
 
 __all__ = ["contrastive_loss", "triplet_loss", "MINING_MODES", "REDUCTIONS"]
 
 MINING_MODES: tuple[str, ...] = mining_lib.MODES
 """The names of the built-in mining modes (:data:`jaxmetric.mining.STRATEGIES`)."""
 
-REDUCTIONS: tuple[str, ...] = ("mean", "mean_nonzero", "sum")
-"""The reductions to a scalar loss; every loss also accepts ``"none"`` (per anchor)."""
-
-_ANY_REDUCTION = REDUCTIONS + ("none",)
 
 Info = dict[str, jax.Array]
 
 
-class _Batch(NamedTuple):
-    """Anchors (this device's rows) against the whole (global) batch."""
-
-    anchors: jax.Array        # float32 (R, D)
-    anchor_labels: jax.Array  # (R,)
-    anchor_valid: jax.Array   # bool (R,)
-    anchor_index: jax.Array   # int32 (R,) position of each anchor in the global batch
-    batch: jax.Array          # float32 (B, D)
-    labels: jax.Array         # (B,)
-    valid: jax.Array          # bool (B,)
-    nan_if_nonfinite: jax.Array  # float32 () NaN if a valid row anywhere is non-finite, else 0
-
-
-class _Terms(NamedTuple):
-    """One group of loss terms summed per anchor: float32 (R,) each."""
-
-    loss: jax.Array      # sum of the anchor's terms
-    selected: jax.Array  # number of terms
-    active: jax.Array    # number of non-zero terms
-
-
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_number(name: str, value, *, minimum=None, positive=False):
-    """Validates a hyper-parameter when it is concrete; passes tracers through."""
-    try:
-        v = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return value
-    if math.isnan(v) or (minimum is not None and v < minimum) or (positive and v <= 0):
-        bound = "> 0" if positive else f">= {minimum}"
-        raise ValueError(f"{name} must be {bound}; got {value}")
-    return value
 
 
 def _static_margin(margin) -> float:
@@ -193,156 +152,6 @@ def _triplet_distance(distance, squared):
     )
 
 
-def _check_inputs(embeddings, labels, valid):
-    embeddings = jnp.asarray(embeddings)
-    labels = jnp.asarray(labels)
-    if embeddings.ndim != 2:
-        raise ValueError(f"embeddings must have shape (B, D); got shape {embeddings.shape}")
-    if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-        raise TypeError(f"embeddings must be floating point; got dtype {embeddings.dtype}")
-    if labels.ndim != 1:
-        raise ValueError(f"labels must have shape (B,); got shape {labels.shape}")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(
-            f"labels must be an integer array (class ids); got dtype {labels.dtype}"
-        )
-    if labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"embeddings and labels disagree on the batch size: {embeddings.shape[0]} "
-            f"embeddings but {labels.shape[0]} labels"
-        )
-    if valid is None:
-        valid = jnp.ones(labels.shape, dtype=bool)
-    else:
-        valid = jnp.asarray(valid)
-        if valid.shape != labels.shape:
-            raise ValueError(f"valid must have shape {labels.shape}; got {valid.shape}")
-        if valid.dtype != jnp.bool_:
-            raise TypeError(f"valid must be a boolean array; got dtype {valid.dtype}")
-    return embeddings.astype(jnp.float32), labels, valid
-
-
-def _gather_batch(embeddings, labels, valid, axis_name) -> _Batch:
-    embeddings, labels, valid = _check_inputs(embeddings, labels, valid)
-    embeddings = jnp.where(valid[:, None], embeddings, 0.0)  # padding may hold garbage
-    nan = _nan_if_nonfinite(embeddings, axis_name)
-    local = labels.shape[0]
-    if axis_name is None:
-        index = jnp.arange(local, dtype=jnp.int32)
-        batch = _Batch(embeddings, labels, valid, index, embeddings, labels, valid, nan)
-    else:
-        gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)  # noqa: E731
-        offset = jax.lax.axis_index(axis_name).astype(jnp.int32) * local
-        index = offset + jnp.arange(local, dtype=jnp.int32)
-        batch = _Batch(
-            embeddings, labels, valid, index, gather(embeddings), gather(labels), gather(valid),
-            nan,
-        )
-    if batch.labels.shape[0] < 2:
-        raise ValueError(
-            f"a batch needs at least 2 examples to form pairs; got {batch.labels.shape[0]}"
-        )
-    return batch
-
-
-def _distance_matrix(b: _Batch, distance) -> jax.Array:
-    """float32 (R, B) distances of the anchors to the batch."""
-    d = jnp.asarray(distances.resolve(distance)(b.anchors, b.batch))
-    chex.assert_shape(d, (b.anchors.shape[0], b.batch.shape[0]),
-                      custom_message="distance must map (R, D), (B, D) to (R, B)")
-    if not jnp.issubdtype(d.dtype, jnp.floating):
-        raise TypeError(f"distance must return floating-point values; got dtype {d.dtype}")
-    return d.astype(jnp.float32)
-
-
-def _pair_masks(b: _Batch):
-    """Positive and negative masks of the anchors against the global batch, bool (R, B)."""
-    columns = jnp.arange(b.labels.shape[0], dtype=jnp.int32)
-    both = b.anchor_valid[:, None] & b.valid[None, :]
-    same = b.anchor_labels[:, None] == b.labels[None, :]
-    not_self = b.anchor_index[:, None] != columns[None, :]
-    return same & not_self & both, ~same & both
-
-
-# ------------------------------------------------------------------------ reductions
-
-
-def _total(x, axis_name):
-    """Sum over all elements, then over the devices of ``axis_name``; float32.
-
-    Each device differentiates only its own partial sum: the ``all_gather`` of the
-    inputs already routes every device's cotangents back to their owner. Inside
-    ``jax.shard_map`` with varying-axis checking (the default) ``psum`` transposes that
-    way by itself; under ``jax.pmap`` (or ``check_vma=False``) it would transpose to a
-    second ``psum`` and scale gradients by the device count, so there the cross-device
-    part of the value is added without gradient.
-    """
-    s = jnp.sum(x.astype(jnp.float32))
-    if axis_name is None:
-        return s
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    if set(names) <= varying_axes(s):
-        return jax.lax.psum(s, axis_name)
-    return s + jax.lax.stop_gradient(jax.lax.psum(s, axis_name) - s)
-
-
-def _count(mask, axis=None):
-    """Number of True entries, exact in int32, as float32."""
-    return jnp.sum(mask, axis=axis, dtype=jnp.int32).astype(jnp.float32)
-
-
-def _row_terms(terms, mask) -> _Terms:
-    """Per-anchor sums of the (R, B) ``terms`` (zero outside ``mask``)."""
-    return _Terms(jnp.sum(terms, axis=1), _count(mask, 1), _count(terms > 0, 1))
-
-
-def _safe_mean(total, count):
-    return total / jnp.maximum(count, 1.0)
-
-
-def _reduce(groups: Sequence[_Terms], reduction: str, axis_name):
-    """The loss of ``groups`` under ``reduction`` (module docstring) and their totals.
-
-    Returns ``(loss, totals)``: ``loss`` a float32 scalar, or (R,) for ``"none"``;
-    ``totals[g] = (S_g, N_g, A_g)`` the global sum, number and number of active terms
-    of group ``g``, float32 scalars.
-    """
-    totals = [tuple(_total(x, axis_name) for x in g) for g in groups]
-    if reduction == "none":
-        loss = sum(g.loss for g in groups)
-    elif reduction == "sum":
-        loss = sum(s for s, _, _ in totals)
-    elif reduction == "mean":
-        loss = _safe_mean(sum(s for s, _, _ in totals), sum(n for _, n, _ in totals))
-    else:  # mean_nonzero
-        loss = sum(_safe_mean(s, a) for s, _, a in totals)
-    return loss, totals
-
-
-def _anchor_info(groups: Sequence[_Terms]) -> Info:
-    return {
-        "anchor_num_selected": sum(g.selected for g in groups),
-        "anchor_num_active": sum(g.active for g in groups),
-    }
-
-
-def _nan_if_nonfinite(embeddings, axis_name):
-    """NaN if any row of ``embeddings`` on any device of ``axis_name`` is non-finite, else 0.
-
-    The one place of the non-finite rule (module docstring); padded rows are already
-    zero here. A float32 scalar without gradient, equal on every device.
-    """
-    bad_rows = ~jnp.all(jnp.isfinite(embeddings), axis=1)
-    num_bad = jax.lax.stop_gradient(_total(bad_rows, axis_name))
-    return jnp.where(num_bad > 0, jnp.float32(jnp.nan), jnp.float32(0.0))
-
-
-def _propagate_nonfinite(b: _Batch, loss, info, exact_keys):
-    """Adds ``b.nan_if_nonfinite`` to the loss and to every info entry not in ``exact_keys``."""
-    nan = b.nan_if_nonfinite
-    return loss + nan, {k: v if k in exact_keys else v + nan for k, v in info.items()}
-
-
 # ------------------------------------------------------------------------ contrastive
 
 
@@ -357,6 +166,9 @@ def contrastive_loss(
     reduction: str = "mean",
     valid: ArrayLike | None = None,
     axis_name=None,
+    ref_embeddings: ArrayLike | None = None,
+    ref_labels: ArrayLike | None = None,
+    ref_valid: ArrayLike | None = None,
 ) -> tuple[jax.Array, Info]:
     r"""Pairwise contrastive loss (Hadsell et al. 2006; the lecture's section 2).
 
@@ -388,6 +200,10 @@ def contrastive_loss(
       valid: optional bool (B,) mask of real (non-padding) rows; padded rows may hold
         anything, NaN and inf included.
       axis_name: mapped axis to mine across (see module docstring).
+      ref_embeddings, ref_labels, ref_valid: optional reference set (M, D), (M,),
+        bool (M,): the anchors are the batch's rows, their positives and negatives
+        the reference's (query vs reference; a cross-batch memory). The same arrays on
+        every device under ``axis_name`` (:mod:`jaxmetric.batch`).
 
     Returns:
       ``(loss, info)``: float32 scalar (``"none"``: (R,)); info holds
@@ -411,35 +227,37 @@ def contrastive_loss(
       >>> per_anchor.shape
       (4,)
     """
-    check_choice("reduction", reduction, _ANY_REDUCTION)
-    _check_number("margin", margin, minimum=0.0)
-    _check_number("pos_margin", pos_margin, minimum=0.0)
-    _check_number("power", power, positive=True)
+    check_choice("reduction", reduction, reductions.ANY_REDUCTION)
+    check_number("margin", margin, minimum=0.0)
+    check_number("pos_margin", pos_margin, minimum=0.0)
+    check_number("power", power, positive=True)
     distances.resolve(distance)  # a bad name fails before any work
-    b = _gather_batch(embeddings, labels, valid, axis_name)
-    d = _distance_matrix(b, distance)
-    pos, neg = _pair_masks(b)
+    b = batch_lib.gather(
+        embeddings, labels, valid, axis_name, ref_embeddings=ref_embeddings,
+        ref_labels=ref_labels, ref_valid=ref_valid)
+    d = batch_lib.distance_matrix(b, distance)
+    pos, neg = batch_lib.pair_masks(b)
 
     pos_terms = jnp.where(pos, jax.nn.relu(d - pos_margin) ** power, 0.0)
     neg_terms = jnp.where(neg, jax.nn.relu(margin - d) ** power, 0.0)
-    groups = (_row_terms(pos_terms, pos), _row_terms(neg_terms, neg))
-    loss, ((_, num_pos, active_pos), (_, num_neg, active_neg)) = _reduce(
+    groups = (reductions.row_terms(pos_terms, pos), reductions.row_terms(neg_terms, neg))
+    loss, ((_, num_pos, active_pos), (_, num_neg, active_neg)) = reductions.reduce(
         groups, reduction, axis_name
     )
 
-    total = lambda x: _total(x, axis_name)  # noqa: E731
+    total = lambda x: reductions.total(x, axis_name)  # noqa: E731
     info = {
         "num_pos_pairs": num_pos,
         "num_neg_pairs": num_neg,
         "num_active_pos_pairs": active_pos,
         "num_active_neg_pairs": active_neg,
-        "active_fraction": _safe_mean(active_pos + active_neg, num_pos + num_neg),
-        "mean_pos_distance": _safe_mean(total(jnp.where(pos, d, 0.0)), num_pos),
-        "mean_neg_distance": _safe_mean(total(jnp.where(neg, d, 0.0)), num_neg),
+        "active_fraction": safe_mean(active_pos + active_neg, num_pos + num_neg),
+        "mean_pos_distance": safe_mean(total(jnp.where(pos, d, 0.0)), num_pos),
+        "mean_neg_distance": safe_mean(total(jnp.where(neg, d, 0.0)), num_neg),
     }
     if reduction == "none":
-        info.update(_anchor_info(groups))
-    return _propagate_nonfinite(b, loss, info, ("num_pos_pairs", "num_neg_pairs"))
+        info.update(reductions.anchor_info(groups))
+    return batch_lib.propagate_nonfinite(b, loss, info, ("num_pos_pairs", "num_neg_pairs"))
 
 
 # ---------------------------------------------------------------------------- triplet
@@ -455,6 +273,9 @@ def triplet_loss(
     reduction: str = "mean",
     valid: ArrayLike | None = None,
     axis_name=None,
+    ref_embeddings: ArrayLike | None = None,
+    ref_labels: ArrayLike | None = None,
+    ref_valid: ArrayLike | None = None,
     squared: bool | None = None,
 ) -> tuple[jax.Array, Info]:
     r"""Triplet margin loss with batch mining (Schroff et al. 2015; lecture section 3).
@@ -499,6 +320,10 @@ def triplet_loss(
       valid: optional bool (B,) mask of real (non-padding) rows; padded rows may hold
         anything, NaN and inf included.
       axis_name: mapped axis to mine across (see module docstring).
+      ref_embeddings, ref_labels, ref_valid: optional reference set (M, D), (M,),
+        bool (M,): the anchors are the batch's rows, their positives and negatives
+        the reference's (query vs reference; a cross-batch memory). The same arrays on
+        every device under ``axis_name`` (:mod:`jaxmetric.batch`).
       squared: deprecated alias of ``distance``: True is ``"squared_l2"``, False is
         ``"l2"``; giving both inconsistently raises ``ValueError``.
 
@@ -523,34 +348,36 @@ def triplet_loss(
       0.1000 8.0 2.0
     """
     strategy = _strategy(mining)
-    check_choice("reduction", reduction, _ANY_REDUCTION)
+    check_choice("reduction", reduction, reductions.ANY_REDUCTION)
     margin = _static_margin(margin)
     distance = _triplet_distance(distance, squared)
     distances.resolve(distance)
-    b = _gather_batch(embeddings, labels, valid, axis_name)
-    d = _distance_matrix(b, distance)
-    pos, neg = _pair_masks(b)
+    b = batch_lib.gather(
+        embeddings, labels, valid, axis_name, ref_embeddings=ref_embeddings,
+        ref_labels=ref_labels, ref_valid=ref_valid)
+    d = batch_lib.distance_matrix(b, distance)
+    pos, neg = batch_lib.pair_masks(b)
 
     mined = mining_lib.mine(strategy, d, pos, neg, margin=margin)
     anchor_loss = jnp.sum(mined.weights * d, axis=1) + margin * mined.num_active
-    groups = (_Terms(anchor_loss, mined.num_selected, mined.num_active),)
-    loss, ((_, num_selected, num_active),) = _reduce(groups, reduction, axis_name)
+    groups = (Terms(anchor_loss, mined.num_selected, mined.num_active),)
+    loss, ((_, num_selected, num_active),) = reductions.reduce(groups, reduction, axis_name)
 
-    total = lambda x: _total(x, axis_name)  # noqa: E731
+    total = lambda x: reductions.total(x, axis_name)  # noqa: E731
     num_pos, num_neg = total(pos), total(neg)
     # Per-anchor products fit int32 (B²/4); the sum over anchors may not: float32.
-    num_valid = total(_count(pos, 1) * _count(neg, 1))
+    num_valid = total(reductions.count(pos, 1) * reductions.count(neg, 1))
     info = {
         "num_valid_triplets": num_valid,
         "num_selected_triplets": num_selected,
         "num_active_triplets": num_active,
-        "active_fraction": _safe_mean(num_active, num_selected),
+        "active_fraction": safe_mean(num_active, num_selected),
         "num_pos_pairs": num_pos,
         "num_neg_pairs": num_neg,
-        "mean_pos_distance": _safe_mean(total(jnp.where(pos, d, 0.0)), num_pos),
-        "mean_neg_distance": _safe_mean(total(jnp.where(neg, d, 0.0)), num_neg),
+        "mean_pos_distance": safe_mean(total(jnp.where(pos, d, 0.0)), num_pos),
+        "mean_neg_distance": safe_mean(total(jnp.where(neg, d, 0.0)), num_neg),
     }
     if reduction == "none":
-        info.update(_anchor_info(groups))
+        info.update(reductions.anchor_info(groups))
     exact = ("num_valid_triplets", "num_pos_pairs", "num_neg_pairs")
-    return _propagate_nonfinite(b, loss, info, exact)
+    return batch_lib.propagate_nonfinite(b, loss, info, exact)

@@ -4,7 +4,8 @@ Only the standard library and NumPy are imported here, so every layer (the JAX c
 data, training, evaluation, plotting) can use this module without pulling in anything
 heavier.
 
-* checks: :func:`check_positive_int`, :func:`check_choice`, and the array checks of the
+* checks: :func:`check_positive_int`, :func:`check_choice`, :func:`check_number` (a
+  loss's hyper-parameter, passing traced values through), and the array checks of the
   evaluation and plotting code, :func:`as_embeddings`, :func:`as_labels`,
   :func:`check_same_dim`, :func:`check_ks`;
 * :func:`write_atomic` / :func:`atomic_writer`: a file is replaced whole or not at all
@@ -35,6 +36,7 @@ __all__ = [
     "as_labels",
     "atomic_writer",
     "check_choice",
+    "check_number",
     "check_ks",
     "check_positive_int",
     "check_same_dim",
@@ -93,6 +95,26 @@ def check_choice(name: str, value, options: Sequence) -> None:
         raise ValueError(
             f"unknown {name} {value!r}; expected one of {', '.join(map(str, options))}"
         )
+
+
+def check_number(name: str, value, *, minimum=None, positive=False, maximum=None):
+    """Raises ``ValueError`` naming ``name`` if the concrete number ``value`` is NaN or out
+    of range (``>= minimum``, ``> 0`` when ``positive``, ``<= maximum``); returns it.
+
+    A traced (jitted) value cannot be checked and is passed through unchanged: a loss's
+    hyper-parameters may be learned or scheduled.
+    """
+    try:
+        v = float(value)
+    except TypeError:  # a tracer (jax's ConcretizationTypeError is a TypeError)
+        return value
+    low = (minimum is not None and v < minimum) or (positive and v <= 0)
+    if v != v or low or (maximum is not None and v > maximum):
+        bounds = [b for b in ("> 0" if positive else None,
+                              None if minimum is None else f">= {minimum}",
+                              None if maximum is None else f"<= {maximum}") if b]
+        raise ValueError(f"{name} must be {' and '.join(bounds) or 'a number'}; got {value}")
+    return value
 
 
 def as_embeddings(x, name: str) -> np.ndarray:

@@ -576,3 +576,61 @@ def test_nonfinite_under_shard_map():
             np.testing.assert_array_equal(loss[i], clean_loss[i], err_msg=f"{i} {bad}")
             np.testing.assert_array_equal(grad[i], clean_grad[i], err_msg=f"{i} {bad}")
             assert np.isfinite(np.asarray(grad[i])).all()
+
+
+# ------------------------------------------------------------------ reference set
+
+
+def _ref_sets(seed=0, b=6, m=9, dim=3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, dim)).astype(np.float32)
+    r = rng.normal(size=(m, dim)).astype(np.float32)
+    return x, rng.integers(0, 3, b), r, rng.integers(0, 3, m)
+
+
+def test_contrastive_with_reference_matches_loop():
+    x, y, r, ry = _ref_sets()
+    ref_valid = np.arange(len(ry)) < 7  # the last two slots are empty (garbage inside)
+    r[~ref_valid] = np.nan
+    expected = 0.0
+    for i in range(len(x)):
+        for j in range(7):
+            d = np.linalg.norm(x[i].astype(np.float64) - r[j])
+            expected += max(d, 0.0) ** 2 if y[i] == ry[j] else max(1.0 - d, 0.0) ** 2
+    loss, info = jax.jit(functools.partial(losses.contrastive_loss, reduction="sum"))(
+        x, y, ref_embeddings=r, ref_labels=ry, ref_valid=ref_valid)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert info["num_pos_pairs"] + info["num_neg_pairs"] == len(x) * 7
+
+
+def test_triplet_with_reference_matches_loop_and_keeps_self_pairs():
+    x, y, r, ry = _ref_sets(1)
+    r[0] = x[0]  # an identical row in the reference is an ordinary positive, not "self"
+    ry[0] = y[0]
+    total, n = 0.0, 0
+    for i in range(len(x)):
+        for p in range(len(r)):
+            for q in range(len(r)):
+                if ry[p] == y[i] and ry[q] != y[i]:
+                    dp = np.sum((x[i].astype(np.float64) - r[p]) ** 2)
+                    dn = np.sum((x[i].astype(np.float64) - r[q]) ** 2)
+                    total += max(dp - dn + 0.2, 0.0)
+                    n += 1
+    loss, info = losses.triplet_loss(x, y, ref_embeddings=r, ref_labels=ry)
+    np.testing.assert_allclose(loss, total / n, rtol=1e-5)
+    assert info["num_valid_triplets"] == n
+    g = jax.grad(lambda r_: losses.triplet_loss(x, y, ref_embeddings=r_, ref_labels=ry)[0])(r)
+    assert np.all(np.isfinite(g))  # the zero distance of the identical pair included
+
+
+def test_reference_bad_input_and_nonfinite():
+    x, y, r, ry = _ref_sets(2)
+    with pytest.raises(ValueError, match="given together"):
+        losses.triplet_loss(x, y, ref_embeddings=r)
+    with pytest.raises(ValueError, match="dimension"):
+        losses.triplet_loss(x, y, ref_embeddings=r[:, :2], ref_labels=ry)
+    with pytest.raises(ValueError, match="ref_labels must have shape"):
+        losses.contrastive_loss(x, y, ref_embeddings=r, ref_labels=ry[:, None])
+    r[3] = np.inf
+    loss, _ = losses.contrastive_loss(x, y, ref_embeddings=r, ref_labels=ry)
+    assert np.isnan(loss)

@@ -1,0 +1,122 @@
+r"""How a loss's terms become one number: global sums, counts and the reductions.
+
+A metric-learning loss is a sum of terms grouped per anchor (row ``i`` of the batch):
+one term per pair ``(i, j)``, per triplet ``(i, p, n)``, or a single term per anchor
+(the softmax-style losses). Each group ``g`` of terms is given per anchor as
+:class:`Terms`: the float32 ``(R,)`` sums, numbers of terms and numbers of non-zero
+(*active*) terms. With :math:`S_g`, :math:`N_g`, :math:`A_g` their sums over the
+global batch:
+
+- ``"mean"``: :math:`\sum_g S_g / \max(\sum_g N_g, 1)`, the mean over all terms;
+- ``"mean_nonzero"``: :math:`\sum_g S_g / \max(A_g, 1)`, the mean over the non-zero
+  terms *per group*, added (pytorch-metric-learning's ``AvgNonZeroReducer``);
+- ``"sum"``: :math:`\sum_g S_g`;
+- ``"none"``: float32 ``(R,)``, each anchor's sum over its own terms (all groups).
+
+**Over devices.** Inside ``jax.shard_map`` / ``jax.pmap`` every device holds its own
+anchors, so the global sums are local sums ``psum``-ed over ``axis_name``
+(:func:`total`); the returned value is the same on every device and its gradient is
+exact (see :func:`total` for why it is safe to differentiate).
+
+**Counts** are summed in int32 per anchor (at most ``B`` or ``B²/4`` terms, exact) and
+in float32 over anchors (exact to 2²⁴, then rounded; an int32 total of triplets would
+overflow near B = 2,900 with ten classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxmetric.parallel import varying_axes
+
+__all__ = [
+    "REDUCTIONS",
+    "ANY_REDUCTION",
+    "Terms",
+    "anchor_info",
+    "count",
+    "reduce",
+    "row_terms",
+    "safe_mean",
+    "total",
+]
+
+REDUCTIONS: tuple[str, ...] = ("mean", "mean_nonzero", "sum")
+"""The reductions to a scalar loss; every loss also accepts ``"none"`` (per anchor)."""
+
+ANY_REDUCTION: tuple[str, ...] = REDUCTIONS + ("none",)
+
+
+class Terms(NamedTuple):
+    """One group of loss terms summed per anchor: float32 (R,) each."""
+
+    loss: jax.Array      # sum of the anchor's terms
+    selected: jax.Array  # number of terms
+    active: jax.Array    # number of non-zero terms
+
+
+def total(x, axis_name) -> jax.Array:
+    """Sum over all elements, then over the devices of ``axis_name``; float32.
+
+    Each device differentiates only its own partial sum: the ``all_gather`` of the
+    inputs already routes every device's cotangents back to their owner. Inside
+    ``jax.shard_map`` with varying-axis checking (the default) ``psum`` transposes that
+    way by itself; under ``jax.pmap`` (or ``check_vma=False``) it would transpose to a
+    second ``psum`` and scale gradients by the device count, so there the cross-device
+    part of the value is added without gradient.
+    """
+    s = jnp.sum(x.astype(jnp.float32))
+    if axis_name is None:
+        return s
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if set(names) <= varying_axes(s):
+        return jax.lax.psum(s, axis_name)
+    return s + jax.lax.stop_gradient(jax.lax.psum(s, axis_name) - s)
+
+
+def count(mask, axis=None) -> jax.Array:
+    """Number of True entries, exact in int32, as float32."""
+    return jnp.sum(mask, axis=axis, dtype=jnp.int32).astype(jnp.float32)
+
+
+def safe_mean(s, n) -> jax.Array:
+    """``s / max(n, 1)``: 0 for an empty set instead of NaN."""
+    return s / jnp.maximum(n, 1.0)
+
+
+def row_terms(terms, mask) -> Terms:
+    """Per-anchor sums of the (R, B) ``terms`` (zero outside ``mask``)."""
+    return Terms(jnp.sum(terms, axis=1), count(mask, 1), count(terms > 0, 1))
+
+
+def reduce(groups: Sequence[Terms], reduction: str, axis_name):
+    """The loss of ``groups`` under ``reduction`` (module docstring) and their totals.
+
+    Returns ``(loss, totals)``: ``loss`` a float32 scalar, or (R,) for ``"none"``;
+    ``totals[g] = (S_g, N_g, A_g)`` the global sum, number and number of active terms
+    of group ``g``, float32 scalars.
+    """
+    totals = [tuple(total(x, axis_name) for x in g) for g in groups]
+    if reduction == "none":
+        loss = sum(g.loss for g in groups)
+    elif reduction == "sum":
+        loss = sum(s for s, _, _ in totals)
+    elif reduction == "mean":
+        loss = safe_mean(sum(s for s, _, _ in totals), sum(n for _, n, _ in totals))
+    elif reduction == "mean_nonzero":
+        loss = sum(safe_mean(s, a) for s, _, a in totals)
+    else:
+        raise ValueError(f"reduction must be one of {ANY_REDUCTION}; got {reduction!r}")
+    return loss, totals
+
+
+def anchor_info(groups: Sequence[Terms]) -> dict[str, jax.Array]:
+    """``"none"`` reduction's per-anchor counts: terms and active terms of each anchor."""
+    return {
+        "anchor_num_selected": sum(g.selected for g in groups),
+        "anchor_num_active": sum(g.active for g in groups),
+    }
