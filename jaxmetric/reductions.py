@@ -15,8 +15,9 @@ global batch:
 
 **Over devices.** Inside ``jax.shard_map`` / ``jax.pmap`` every device holds its own
 anchors, so the global sums are local sums ``psum``-ed over ``axis_name``
-(:func:`total`); the returned value is the same on every device and its gradient is
-exact (see :func:`total` for why it is safe to differentiate).
+(:func:`total`, :func:`over_devices`); the returned value is the same on every device
+and its gradient is exact (see :func:`over_devices` for why it is safe to
+differentiate).
 
 **Counts** are summed in int32 per anchor (at most ``B`` or ``B²/4`` terms, exact) and
 in float32 over anchors (exact to 2²⁴, then rounded; an int32 total of triplets would
@@ -39,6 +40,7 @@ __all__ = [
     "Terms",
     "anchor_info",
     "count",
+    "over_devices",
     "reduce",
     "row_terms",
     "safe_mean",
@@ -59,23 +61,31 @@ class Terms(NamedTuple):
     active: jax.Array    # number of non-zero terms
 
 
-def total(x, axis_name) -> jax.Array:
-    """Sum over all elements, then over the devices of ``axis_name``; float32.
+def over_devices(x, axis_name) -> jax.Array:
+    """``x`` summed element-wise over the devices of ``axis_name`` (float32, same shape);
+    ``x`` itself when ``axis_name`` is None.
 
-    Each device differentiates only its own partial sum: the ``all_gather`` of the
-    inputs already routes every device's cotangents back to their owner. Inside
+    Each device differentiates only its own part: the ``all_gather`` of the inputs
+    already routes every device's cotangents back to their owner. Inside
     ``jax.shard_map`` with varying-axis checking (the default) ``psum`` transposes that
     way by itself; under ``jax.pmap`` (or ``check_vma=False``) it would transpose to a
     second ``psum`` and scale gradients by the device count, so there the cross-device
-    part of the value is added without gradient.
+    part of the value is added without gradient. Use it for any per-class or per-proxy
+    sum that must cover the global batch before a non-linearity (a log, a softmax).
     """
-    s = jnp.sum(x.astype(jnp.float32))
+    x = jnp.asarray(x).astype(jnp.float32)
     if axis_name is None:
-        return s
+        return x
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    if set(names) <= varying_axes(s):
-        return jax.lax.psum(s, axis_name)
-    return s + jax.lax.stop_gradient(jax.lax.psum(s, axis_name) - s)
+    if set(names) <= varying_axes(x):
+        return jax.lax.psum(x, axis_name)
+    return x + jax.lax.stop_gradient(jax.lax.psum(x, axis_name) - x)
+
+
+def total(x, axis_name) -> jax.Array:
+    """Sum over all elements, then over the devices of ``axis_name``; float32 scalar
+    (see :func:`over_devices`)."""
+    return over_devices(jnp.sum(jnp.asarray(x).astype(jnp.float32)), axis_name)
 
 
 def count(mask, axis=None) -> jax.Array:
