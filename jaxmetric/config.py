@@ -32,20 +32,71 @@ used as given. AdamW defaults to lr 1e-3 (not batch-scaled) and weight decay 0.0
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any
 
+from jaxmetric import losses as losses_lib
 from jaxmetric.losses import MINING_MODES, REDUCTIONS
 from jaxmetric.models import INITS, MODEL_NAMES, STEMS
 from jaxmetric.utils import check_choice
 
-__all__ = ["TrainConfig", "LOSSES", "OPTIMIZERS", "DTYPES"]
+__all__ = ["TrainConfig", "LossSpec", "LOSS_SPECS", "LOSSES", "OPTIMIZERS", "DTYPES"]
 
-LOSSES = ("contrastive", "triplet")
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """How a run drives one loss of :mod:`jaxmetric.losses` (``<name>_loss``).
+
+    Attributes:
+      margin_arg: the keyword that ``--margin`` sets (None: the loss has no margin).
+      margin: its default in training (None: the function's own default).
+      learned: the positional argument the run learns with the network (``"proxies"``,
+        ``"weights"`` (C, D) or ``"beta"`` (C,)), or None.
+      pairs: a pair-based loss: takes a reference set, so a cross-batch memory.
+      reduction: takes ``reduction=``.
+      temperature: takes ``temperature=``.
+      lr_multiplier: default learning-rate multiplier of the learned argument.
+    """
+
+    margin_arg: str | None = None
+    margin: float | None = None
+    learned: str | None = None
+    pairs: bool = True
+    reduction: bool = False
+    temperature: bool = False
+    lr_multiplier: float = 1.0
+
+
+LOSS_SPECS: dict[str, LossSpec] = {
+    "contrastive": LossSpec("margin", 1.0, reduction=True),
+    "triplet": LossSpec("margin", 0.2, reduction=True),
+    "supcon": LossSpec(temperature=True),
+    "ntxent": LossSpec(temperature=True),
+    "multi_similarity": LossSpec(),
+    "circle": LossSpec("m"),
+    "lifted_structure": LossSpec("neg_margin"),
+    "margin": LossSpec("margin", learned="beta"),
+    # Proxies learn ~100x faster than the network in Kim et al. 2020 and
+    # Movshovitz-Attias et al. 2017; the margin-softmax class weights at the network's rate.
+    "proxy_anchor": LossSpec("margin", learned="proxies", pairs=False, lr_multiplier=100.0),
+    "proxy_nca": LossSpec(learned="proxies", pairs=False, lr_multiplier=100.0),
+    "arcface": LossSpec("margin", learned="weights", pairs=False),
+    "cosface": LossSpec("margin", learned="weights", pairs=False),
+}
+"""Every loss a run can train with (``--loss NAME`` calls ``jaxmetric.losses.NAME_loss``)."""
+
+LOSSES = tuple(LOSS_SPECS)
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 
-DEFAULT_MARGIN = {"contrastive": 1.0, "triplet": 0.2}
+DEFAULT_REDUCTION = "mean_nonzero"
+SOFT_MARGIN_MINING = ("all", "batch_hard")
+STEP_ARGUMENTS = frozenset({"valid", "axis_name", "ref_embeddings", "ref_labels", "ref_valid"})
+"""Keyword arguments the train step passes itself (never in ``loss_options``)."""
+CONFIG_ARGUMENTS = frozenset({"pos_margin", "power", "mining", "squared", "reduction",
+                              "temperature"})
+"""Keyword arguments with a setting of their own."""
 DEFAULT_CONTRASTIVE_POWER = 1.0
 SGD_LR_PER_256 = 0.1
 DEFAULT_WARMUP_EPOCHS = 5.0
@@ -78,8 +129,19 @@ class TrainConfig:
         "fan-out); see jaxmetric.models.kernel_init", choices=INITS)
     dtype: str = _field("float32", "compute dtype of the model and augmentation (params "
                         "stay float32)", choices=DTYPES)
-    loss: str = _field("contrastive", "metric-learning loss", choices=LOSSES)
-    margin: float | None = _field(None, "loss margin; None: 1.0 contrastive, 0.2 triplet")
+    loss: str = _field("contrastive", "metric-learning loss (jaxmetric.losses.<name>_loss)",
+                       choices=LOSSES)
+    margin: float | None = _field(None, "loss margin (circle: m; lifted_structure: neg_margin; "
+                                  "arcface: radians); None: 1.0 contrastive, 0.2 triplet, "
+                                  "else the loss function's default")
+    soft_margin: bool = _field(False, "triplet only: softplus(d_ap - d_an) instead of the "
+                               "hinge (Hermans et al.; mining all or batch_hard)")
+    temperature: float | None = _field(None, "supcon / ntxent: softmax temperature; None: "
+                                       "the loss function's default")
+    loss_options: str | None = _field(
+        None, "more keyword arguments of the loss function, as k=v,k=v (e.g. "
+        "alpha=2,beta=50 for multi_similarity; numbers, true/false, none or words)",
+        metavar="K=V,...")
     pos_margin: float = _field(0.0, "contrastive only: positives closer than this are not "
                                "penalised")
     mining: str | None = _field(None, "triplet only: which triplets (None: all)",
@@ -89,11 +151,19 @@ class TrainConfig:
     power: float | None = _field(None, "contrastive only: exponent of each pair's hinge (2: "
                                  "Hadsell's squared form, 1: pytorch-metric-learning's "
                                  "ContrastiveLoss); None: 1")
-    reduction: str = _field(
-        "mean_nonzero", "how the loss terms are averaged: mean over all selected pairs/triplets, "
-        "mean_nonzero over the non-zero ones (pytorch-metric-learning's AvgNonZeroReducer; "
-        "contrastive: positive and negative means taken apart and added), or sum",
-        choices=REDUCTIONS)
+    reduction: str | None = _field(
+        None, "contrastive / triplet: how the loss terms are averaged: mean over all selected "
+        "pairs/triplets, mean_nonzero over the non-zero ones (pytorch-metric-learning's "
+        "AvgNonZeroReducer; contrastive: positive and negative means taken apart and "
+        "added), or sum; None: mean_nonzero", choices=REDUCTIONS)
+    loss_lr_multiplier: float | None = _field(
+        None, "learning-rate multiplier of the loss's own parameters (proxies, class "
+        "weights, margin beta); None: 100 for proxy_anchor / proxy_nca, else 1")
+    xbm_size: int | None = _field(
+        None, "pair-based losses: a cross-batch memory of the last N embeddings (Wang et "
+        "al. 2020), N >= batch_size; None: off")
+    xbm_start_epochs: float = _field(1.0, "epochs before the memory's loss term is used")
+    xbm_weight: float = _field(1.0, "weight of the memory's loss term, added to the batch's")
     epochs: int = _field(100, "passes over the training set")
     batch_size: int = _field(512, "global batch, split evenly over the devices")
     classes_per_batch: int | None = _field(
@@ -154,23 +224,7 @@ class TrainConfig:
                 f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs "
                 f"({self.epochs}), or the cosine decay never starts"
             )
-        if self.loss == "contrastive":
-            if self.mining is not None:
-                raise ValueError(
-                    f"mining={self.mining!r} applies to the triplet loss only; the "
-                    "contrastive loss uses every pair (leave mining=None)"
-                )
-            if self.squared is not True:
-                raise ValueError("squared=False applies to the triplet loss only")
-            if self.power is not None:
-                _number("power", self.power, minimum=0.0, strict=True)
-        else:
-            if self.pos_margin != 0.0:
-                raise ValueError(
-                    f"pos_margin={self.pos_margin} applies to the contrastive loss only"
-                )
-            if self.power is not None:
-                raise ValueError(f"power={self.power} applies to the contrastive loss only")
+        self._check_loss()
         if self.classes_per_batch is not None:
             _int("classes_per_batch", self.classes_per_batch, minimum=1)
             if self.batch_size % self.classes_per_batch:
@@ -190,12 +244,113 @@ class TrainConfig:
                 "an epoch would have no full batch"
             )
 
+    def _check_loss(self) -> None:
+        """The loss settings: each applies to the losses that have it."""
+        spec = LOSS_SPECS[self.loss]
+
+        def only(setting, owners):
+            return ValueError(f"{setting} applies to the {owners} loss only, not to "
+                              f"loss={self.loss!r}")
+
+        if self.loss != "contrastive":
+            if self.pos_margin != 0.0:
+                raise only(f"pos_margin={self.pos_margin}", "contrastive")
+            if self.power is not None:
+                raise only(f"power={self.power}", "contrastive")
+        elif self.power is not None:
+            _number("power", self.power, minimum=0.0, strict=True)
+        if self.loss != "triplet":
+            if self.mining is not None:
+                raise ValueError(
+                    f"mining={self.mining!r} applies to the triplet loss only; the "
+                    f"{self.loss} loss uses every pair (leave mining=None)")
+            if self.squared is not True:
+                raise only("squared=False", "triplet")
+            if self.soft_margin:
+                raise only("soft_margin", "triplet")
+        elif self.soft_margin and (self.mining or "all") not in SOFT_MARGIN_MINING:
+            raise ValueError(f"soft_margin works with mining {SOFT_MARGIN_MINING}; got "
+                             f"mining={self.mining!r}")
+        if self.margin is not None and spec.margin_arg is None:
+            raise ValueError(f"the {self.loss} loss has no margin (margin={self.margin})")
+        if self.soft_margin and self.margin is not None:
+            raise ValueError("soft_margin replaces the margin: give one or the other")
+        if self.temperature is not None:
+            if not spec.temperature:
+                raise only(f"temperature={self.temperature}", "supcon and ntxent")
+            _number("temperature", self.temperature, minimum=0.0, strict=True)
+        if self.reduction is not None and not spec.reduction:
+            raise only(f"reduction={self.reduction!r}", "contrastive and triplet")
+        if self.loss_lr_multiplier is not None:
+            if spec.learned is None:
+                raise ValueError(f"the {self.loss} loss learns no parameters of its own "
+                                 f"(loss_lr_multiplier={self.loss_lr_multiplier})")
+            _number("loss_lr_multiplier", self.loss_lr_multiplier, minimum=0.0)
+        if self.xbm_size is not None:
+            if not spec.pairs:
+                raise ValueError(f"xbm_size: a cross-batch memory serves pair-based losses; "
+                                 f"the {self.loss} loss compares with class proxies/weights")
+            _int("xbm_size", self.xbm_size, minimum=self.batch_size)
+        _number("xbm_start_epochs", self.xbm_start_epochs, minimum=0.0)
+        _number("xbm_weight", self.xbm_weight, minimum=0.0)
+        _ = self.loss_kwargs  # parses and checks loss_options
+
     # ------------------------------------------------------------------ resolved values
 
     @property
-    def loss_margin(self) -> float:
-        """The margin actually used: ``margin``, or the loss's default."""
-        return DEFAULT_MARGIN[self.loss] if self.margin is None else float(self.margin)
+    def loss_margin(self) -> float | None:
+        """The margin actually used: ``margin``, or the loss's default in training (None:
+        the loss function's own default, or no margin)."""
+        return LOSS_SPECS[self.loss].margin if self.margin is None else float(self.margin)
+
+    @property
+    def loss_reduction(self) -> str:
+        """The reduction actually used (contrastive and triplet)."""
+        return DEFAULT_REDUCTION if self.reduction is None else self.reduction
+
+    @property
+    def loss_lr_scale(self) -> float:
+        """The learning-rate multiplier of the loss's own parameters."""
+        if self.loss_lr_multiplier is not None:
+            return float(self.loss_lr_multiplier)
+        return LOSS_SPECS[self.loss].lr_multiplier
+
+    @property
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``jaxmetric.losses.<loss>_loss`` this config sets:
+        the margin, the temperature and ``loss_options``, checked against the function's
+        signature. (Arguments the train step itself passes are not among them.)"""
+        spec = LOSS_SPECS[self.loss]
+        kwargs: dict[str, Any] = {}
+        if spec.margin_arg is not None and self.loss_margin is not None:
+            kwargs[spec.margin_arg] = self.loss_margin
+        if self.temperature is not None:
+            kwargs["temperature"] = float(self.temperature)
+        if spec.reduction:
+            kwargs["reduction"] = self.loss_reduction
+        if self.loss == "contrastive":
+            kwargs.update(pos_margin=self.pos_margin, power=self.loss_power)
+        elif self.loss == "triplet":
+            kwargs.update(mining=self.mining or "all",
+                          distance="squared_l2" if self.squared else "l2")
+            if self.soft_margin:
+                kwargs["margin"] = "soft"
+        options = parse_options(self.loss_options)
+        fn = getattr(losses_lib, f"{self.loss}_loss")
+        own_setting = CONFIG_ARGUMENTS | {spec.margin_arg}
+        allowed = {n for n, p in inspect.signature(fn).parameters.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY} - STEP_ARGUMENTS - own_setting
+        for key in options:
+            if key in own_setting:
+                flag = "margin" if key == spec.margin_arg else key.replace("_", "-")
+                raise ValueError(f"loss_options: set {key!r} with --{flag}, not here")
+            if key not in allowed:
+                raise ValueError(f"loss_options: {self.loss}_loss has no option {key!r}; "
+                                 f"it takes {', '.join(sorted(allowed)) or 'none'}")
+        if "distance" in options and self.loss == "triplet" and not self.squared:
+            raise ValueError("loss_options distance= and squared=False (--euclidean) both "
+                             "choose the triplet distance; give one")
+        return kwargs | options
 
     @property
     def loss_power(self) -> float:
@@ -259,3 +414,34 @@ def _number(name: str, value, *, minimum: float, strict: bool = False) -> None:
     if math.isnan(value) or math.isinf(value) or value < minimum or (strict and value <= minimum):
         bound = f"> {minimum}" if strict else f">= {minimum}"
         raise ValueError(f"{name} must be a finite number {bound}; got {value}")
+
+
+def parse_options(text: str | None) -> dict[str, Any]:
+    """``"alpha=2,beta=50,distance=cosine"`` -> ``{"alpha": 2.0, "beta": 50.0,
+    "distance": "cosine"}``: numbers become floats (ints when integral and written
+    without a point), ``true`` / ``false`` bools, ``none`` None, anything else a word."""
+    if text is None or not text.strip():
+        return {}
+    options: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key.isidentifier() or not raw:
+            raise ValueError(f"loss_options must be k=v,k=v; cannot read {item!r} in {text!r}")
+        if key in options:
+            raise ValueError(f"loss_options: {key!r} is given twice in {text!r}")
+        lowered = raw.lower()
+        if lowered in ("true", "false"):
+            value: Any = lowered == "true"
+        elif lowered == "none":
+            value = None
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        options[key] = value
+    return options

@@ -60,7 +60,8 @@ INPUTS = train.InputSpec((32, 32, 3), CIFAR10_MEAN, CIFAR10_STD)
 
 def fresh_state(config, bn_axis_name="batch", steps_per_epoch=4):
     model = create_model("homebrew", embed_dim=16, widths=WIDTHS, bn_axis_name=bn_axis_name)
-    return train.create_train_state(jax.random.key(0), model, config, steps_per_epoch, INPUTS)
+    return train.create_train_state(jax.random.key(0), model, config, steps_per_epoch, INPUTS,
+                                    num_classes=NUM_CLASSES)
 
 
 def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
@@ -74,9 +75,13 @@ def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
 # ------------------------------------------------------------------- data parallelism
 
 
-@pytest.mark.parametrize("loss,mining", [("contrastive", None), ("triplet", "semihard")])
-def test_eight_devices_equal_one_device(tmp_path, loss, mining):
-    config = tiny_config(tmp_path, loss=loss, mining=mining, lr=0.5, warmup_epochs=0.0)
+@pytest.mark.parametrize("loss,extra", [
+    ("contrastive", {}),
+    ("triplet", {"mining": "semihard"}),
+    ("contrastive", {"xbm_size": 24, "xbm_start_epochs": 0.0}),  # the memory's term too
+])
+def test_eight_devices_equal_one_device(tmp_path, loss, extra):
+    config = tiny_config(tmp_path, loss=loss, lr=0.5, warmup_epochs=0.0, **extra)
     loss_fn = train.make_loss_fn(config)
     images, labels = random_batch(16)
     key = jax.random.key(7)
@@ -105,6 +110,10 @@ def test_eight_devices_equal_one_device(tmp_path, loss, mining):
         assert_trees_close(state.params, ref.params)
         assert_trees_close(state.batch_stats, ref.batch_stats)
         assert_trees_close(state.opt_state, ref.opt_state)
+        assert_trees_close((state.memory, state.loss_params, state.loss_opt_state),
+                           (ref.memory, ref.loss_params, ref.loss_opt_state))
+    if "xbm_size" in extra:  # two batches of 16 went in; the 24 newest rows are kept
+        assert int(ref.memory.valid.sum()) == 24 and int(ref.memory.next) == 32 % 24
     # The update is not a no-op: the params moved.
     assert not np.allclose(ref.params["head"]["Dense_0"]["kernel"],
                            fresh_state(config).params["head"]["Dense_0"]["kernel"])
@@ -277,7 +286,18 @@ def test_a_state_needs_its_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(loss="arcface"), "unknown loss 'arcface'"),
+    (dict(loss="arc_face"), "unknown loss 'arc_face'"),
+    (dict(loss="supcon", margin=0.5), "has no margin"),
+    (dict(loss="triplet", temperature=0.1), "supcon and ntxent loss only"),
+    (dict(loss="supcon", reduction="sum"), "contrastive and triplet loss only"),
+    (dict(loss="triplet", soft_margin=True, mining="semihard"), "soft_margin works with"),
+    (dict(loss="contrastive", soft_margin=True), "triplet loss only"),
+    (dict(loss="contrastive", loss_lr_multiplier=10.0), "learns no parameters"),
+    (dict(loss="proxy_anchor", xbm_size=4096), "pair-based losses"),
+    (dict(loss="contrastive", batch_size=64, xbm_size=32), "xbm_size must be >= 64"),
+    (dict(loss="contrastive", loss_options="margin=2"), "with --margin"),
+    (dict(loss="triplet", loss_options="alpha=2"), "has no option 'alpha'"),
+    (dict(loss="triplet", loss_options="alpha"), "k=v,k=v"),
     (dict(model="vgg"), "unknown model 'vgg'"),
     (dict(optimizer="lion"), "unknown optimizer"),
     (dict(dtype="float16"), "unknown dtype"),

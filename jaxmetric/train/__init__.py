@@ -11,7 +11,10 @@ The package, in the order a run uses it (in the spirit of flax's
   BatchNorm parameters and biases), :func:`make_schedule` (warm-up + cosine);
 * :mod:`~jaxmetric.train.step` -- :func:`train_step`, a pure ``(state, batch, rng) ->
   (state, metrics)``; :func:`make_train_step` wraps it in ``jax.shard_map`` over the
-  mesh and ``jax.jit`` (state donated); :func:`make_loss_fn` picks the loss;
+  mesh and ``jax.jit`` (state donated);
+* :mod:`~jaxmetric.train.objective` -- :func:`make_loss_fn` (the configured loss),
+  :func:`init_loss_params` (its proxies / class weights / margins), their optimizer,
+  and when the cross-batch memory's term starts;
 * :mod:`~jaxmetric.train.embed` -- :func:`make_embed_fn`, eval-mode embeddings across
   all devices, for :func:`jaxmetric.evaluate.embed`;
 * :mod:`~jaxmetric.train.checkpoints` -- orbax checkpoints and :func:`restore_state`;
@@ -49,6 +52,7 @@ from jaxmetric.train.checkpoints import (
 from jaxmetric.train.embed import make_embed_fn
 from jaxmetric.train.loop import epoch_line, fit
 from jaxmetric.train.mesh import AXIS, make_mesh
+from jaxmetric.train.objective import init_loss_params, make_loss_fn
 from jaxmetric.train.state import (
     InputSpec,
     TrainState,
@@ -57,7 +61,7 @@ from jaxmetric.train.state import (
     make_optimizer,
     make_schedule,
 )
-from jaxmetric.train.step import METRICS, make_loss_fn, make_train_step, train_step
+from jaxmetric.train.step import METRICS, make_train_step, train_step
 
 __all__ = [
     "AXIS",
@@ -68,6 +72,7 @@ __all__ = [
     "epoch_line",
     "finalized_epochs",
     "fit",
+    "init_loss_params",
     "initial_state",
     "load_config",
     "make_embed_fn",

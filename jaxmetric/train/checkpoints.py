@@ -64,6 +64,8 @@ def save_checkpoint(manager, epoch: int, state: TrainState, train_key) -> None:
     meta = {"epoch": epoch, "step": int(state.step)}
     if state.inputs is not None:
         meta["inputs"] = state.inputs.to_dict()
+    if state.loss_params is not None:  # per-class proxies / weights / margins
+        meta["num_classes"] = int(jax.tree.leaves(state.loss_params)[0].shape[0])
     manager.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave({"state": state, "train_key": train_key}),
         meta=ocp.args.JsonSave(meta)))
@@ -139,7 +141,8 @@ def restore_state(run_dir, *, epoch: int | None = None, mesh: Mesh | None = None
                 "and normalisation (an earlier version wrote it): pass inputs= (the data "
                 "set it was trained on, or an InputSpec)")
         # The schedule only needs a step count; the restored optimizer state has the rest.
-        state, train_key = initial_state(config, 1, mesh, inputs)
+        state, train_key = initial_state(config, 1, mesh, inputs,
+                                         num_classes=meta.get("num_classes"))
         state, _ = restore_checkpoint(manager, epoch, state, train_key)
     finally:
         manager.close()

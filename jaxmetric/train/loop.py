@@ -31,9 +31,10 @@ from jaxmetric.train.checkpoints import (
     save_checkpoint,
 )
 from jaxmetric.train.mesh import AXIS, make_mesh
+from jaxmetric.train.objective import make_loss_fn
 from jaxmetric.train.rundir import append_record, prepare_run_dir, truncate_metrics
 from jaxmetric.train.state import InputSpec, TrainState, initial_state
-from jaxmetric.train.step import METRICS, make_loss_fn, make_train_step
+from jaxmetric.train.step import METRICS, make_train_step
 
 __all__ = ["FINITE_METRICS", "epoch_indices", "epoch_line", "fit"]
 
@@ -170,7 +171,8 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     prepare_run_dir(out_dir, config, resume)
 
     dtype = jnp.dtype(config.dtype)
-    state, train_key = initial_state(config, steps, mesh, InputSpec.of(dataset))
+    state, train_key = initial_state(config, steps, mesh, InputSpec.of(dataset),
+                                     num_classes=len(dataset.class_names))
     replicated = NamedSharding(mesh, P())
     if primary:
         _log_setup(config, dataset, state, mesh, steps)
@@ -193,7 +195,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
             log.info("resumed %s at epoch %d (step %d)", out_dir, start_epoch, int(state.step))
 
         step_fn = make_train_step(make_loss_fn(config), mesh, augment=config.augment,
-                                  dtype=dtype)
+                                  dtype=dtype, xbm_weight=config.xbm_weight)
         # Every process holds the whole training set and puts it on its own devices.
         images = distributed.put(train.images, replicated)
         labels = distributed.put(train.labels, replicated)

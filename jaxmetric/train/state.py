@@ -26,10 +26,11 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmetric import distributed
+from jaxmetric import distributed, xbm
 from jaxmetric.config import TrainConfig
 from jaxmetric.models import create_model
 from jaxmetric.train.mesh import AXIS
+from jaxmetric.train.objective import init_loss_params, make_loss_optimizer, xbm_start_step
 
 __all__ = [
     "InputSpec",
@@ -87,12 +88,30 @@ class InputSpec:
 
 
 class TrainState(train_state.TrainState):
-    """flax ``TrainState`` plus BatchNorm running statistics, the lr schedule and the
-    :class:`InputSpec` (static: not saved as arrays, recorded in the checkpoint meta)."""
+    """flax ``TrainState`` plus BatchNorm running statistics, the lr schedule, the
+    :class:`InputSpec` (static: not saved as arrays, recorded in the checkpoint meta),
+    and what the loss keeps: its learned parameters (proxies, class weights, margins;
+    :mod:`jaxmetric.train.objective`) with their own optimizer, and the cross-batch
+    memory (:mod:`jaxmetric.xbm`) from step ``xbm_start`` on. All are checkpointed."""
 
     batch_stats: Any = None
     schedule: Callable = flax.struct.field(pytree_node=False, default=None)
     inputs: InputSpec = flax.struct.field(pytree_node=False, default=None)
+    loss_params: Any = None
+    loss_opt_state: Any = None
+    loss_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
+    memory: Any = None
+    xbm_start: int = flax.struct.field(pytree_node=False, default=0)
+
+    def apply_gradients(self, *, grads, loss_grads=None, **kwargs):
+        """One update of the network's params and, given ``loss_grads``, of the loss's."""
+        new = super().apply_gradients(grads=grads, **kwargs)
+        if loss_grads is None:
+            return new
+        updates, opt_state = self.loss_tx.update(loss_grads, self.loss_opt_state,
+                                                 self.loss_params)
+        return new.replace(loss_params=optax.apply_updates(self.loss_params, updates),
+                           loss_opt_state=opt_state)
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -119,9 +138,11 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
 
 
 def create_train_state(rng: jax.Array, model, config: TrainConfig, steps_per_epoch: int,
-                       inputs) -> TrainState:
+                       inputs, num_classes: int | None = None) -> TrainState:
     """Initialise ``model`` on one image of ``inputs`` (an :class:`InputSpec` or a data
-    set, see :meth:`InputSpec.of`) and attach the optimizer."""
+    set, see :meth:`InputSpec.of`) and attach the optimizer; the loss's parameters (for
+    ``num_classes`` classes, where the loss learns some) and the cross-batch memory
+    when ``config`` asks for them."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     inputs = InputSpec.of(inputs)
@@ -129,16 +150,28 @@ def create_train_state(rng: jax.Array, model, config: TrainConfig, steps_per_epo
     init = jax.jit(functools.partial(model.init, train=False))
     variables = init(rng, jnp.zeros((1, *inputs.shape), jnp.float32))
     schedule = make_schedule(config, steps_per_epoch)
+    loss_params = init_loss_params(config, jax.random.fold_in(rng, 1), num_classes,
+                                             config.embed_dim)
+    loss_tx = loss_opt_state = memory = None
+    if loss_params is not None:
+        loss_tx = make_loss_optimizer(config, schedule)
+        loss_opt_state = loss_tx.init(loss_params)
+    if config.xbm_size is not None:
+        memory = xbm.init_memory(config.xbm_size, config.embed_dim)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables["batch_stats"],
                              tx=make_optimizer(config, schedule), schedule=schedule,
-                             inputs=inputs)
+                             inputs=inputs, loss_params=loss_params,
+                             loss_opt_state=loss_opt_state, loss_tx=loss_tx, memory=memory,
+                             xbm_start=xbm_start_step(config, steps_per_epoch))
 
 
-def initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh, inputs):
+def initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh, inputs,
+                  num_classes: int | None = None):
     """Fresh replicated state and training key for ``config`` (deterministic in seed).
 
-    ``inputs``: an :class:`InputSpec` or the data set (:meth:`InputSpec.of`). Returns
+    ``inputs``: an :class:`InputSpec` or the data set (:meth:`InputSpec.of`);
+    ``num_classes``: for losses that learn per-class parameters. Returns
     ``(state, train_key_data)``, both replicated over ``mesh``.
     """
     model = create_model(config.model, embed_dim=config.embed_dim, dtype=jnp.dtype(config.dtype),
@@ -146,7 +179,7 @@ def initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh, inputs)
                          weight_init=config.weight_init)
     root = jax.random.key(config.seed)
     state = create_train_state(jax.random.fold_in(root, 0), model, config, steps_per_epoch,
-                               inputs)
+                               inputs, num_classes)
     train_key = jax.random.key_data(jax.random.fold_in(root, 1))
     if mesh.is_multi_process:
         # Every process initialised from the same seed; process 0's values win.

@@ -26,7 +26,6 @@ replicated state are ordinary ``jax.Array`` objects.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 
 import jax
@@ -35,30 +34,18 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxmetric import losses
+from jaxmetric import xbm
 from jaxmetric.augment import augment as augment_images
 from jaxmetric.augment import normalize
-from jaxmetric.config import TrainConfig
 from jaxmetric.parallel import varying_axes
 from jaxmetric.train.mesh import AXIS
 from jaxmetric.train.state import TrainState
 
-__all__ = ["METRICS", "make_loss_fn", "make_train_step", "train_step"]
+__all__ = ["METRICS", "make_train_step", "train_step"]
 
 METRICS = ("loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "grad_norm",
            "param_norm", "lr")
 """The float32 scalars every step returns (means over the global batch)."""
-
-
-def make_loss_fn(config: TrainConfig) -> Callable:
-    """``loss_fn(embeddings, labels, *, axis_name) -> (loss, info)`` for ``config``."""
-    if config.loss == "contrastive":
-        return functools.partial(losses.contrastive_loss, margin=config.loss_margin,
-                                 pos_margin=config.pos_margin, power=config.loss_power,
-                                 reduction=config.reduction)
-    return functools.partial(losses.triplet_loss, margin=config.loss_margin,
-                             mining=config.mining or "all", squared=config.squared,
-                             reduction=config.reduction)
 
 
 def _augment_per_example(rng, images, offset, mean, std, dtype):
@@ -69,9 +56,25 @@ def _augment_per_example(rng, images, offset, mean, std, dtype):
                                                  dtype=dtype)[0])(keys, images)
 
 
+def _gather_invariant(x, axis_name):
+    """All devices' ``x`` concatenated, typed device-invariant (a ``psum`` of each shard
+    placed at its offset: ``all_gather``'s result stays typed as varying)."""
+    n = jax.lax.psum(1, axis_name)
+    local = x.shape[0]
+    placed = jax.lax.dynamic_update_slice_in_dim(
+        jnp.zeros((n * local, *x.shape[1:]), x.dtype), x,
+        jax.lax.axis_index(axis_name) * local, axis=0)
+    return jax.lax.psum(placed, axis_name)
+
+
+def _learned(loss_params):
+    return {} if loss_params is None else {"params": loss_params}
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                loss_fn: Callable, axis_name: str | None = None, augment: bool = True,
-               dtype=jnp.float32) -> tuple[TrainState, dict[str, jax.Array]]:
+               dtype=jnp.float32, xbm_weight: float = 1.0,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; pure.
 
     Args:
@@ -80,12 +83,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         normalisation.
       batch: ``{"images": uint8 (B, H, W, C), "labels": int (B,)}``, the local shard.
       rng: PRNG key of this step (same on every device).
-      loss_fn: ``(embeddings, labels, *, axis_name) -> (loss, info)``, see
-        :func:`make_loss_fn`.
+      loss_fn: ``(embeddings, labels, *, axis_name, [params], [ref_embeddings,
+        ref_labels, ref_valid]) -> (loss, info)``, see
+        :func:`jaxmetric.train.objective.make_loss_fn`; ``params`` is passed when the
+        state holds ``loss_params``, the reference set when it holds a memory.
       axis_name: the mesh axis when run inside ``jax.shard_map(..., check_vma=True)``
         (see the module docstring for why that typing is required); None on one device.
       augment: random crop + flip; False = normalise only.
       dtype: dtype of the model input.
+      xbm_weight: weight of the cross-batch memory's loss term (when the state has a
+        memory, :mod:`jaxmetric.xbm`): ``loss = loss(batch) + xbm_weight *
+        loss(batch vs memory)``, the memory read before this batch is written into it.
 
     Returns:
       ``(new_state, metrics)``, metrics float32 scalars :data:`METRICS`, equal on
@@ -114,37 +122,60 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     else:
         x = normalize(images, mean, std, dtype=dtype)
 
-    def loss_and_aux(params):
+    use_memory = None
+    if state.memory is not None:
+        # The memory's term counts from step xbm_start on (its rows are still written
+        # before that, so it starts full).
+        use_memory = state.step >= state.xbm_start
+
+    def loss_and_aux(params, loss_params):
         emb, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                       x, train=True, mutable=["batch_stats"])
-        loss, info = loss_fn(emb, labels, axis_name=axis_name)
-        return loss, (info, updates["batch_stats"])
+        loss, info = loss_fn(emb, labels, axis_name=axis_name, **_learned(loss_params))
+        if use_memory is not None:
+            mem = state.memory
+            mem_loss, _ = loss_fn(emb, labels, axis_name=axis_name, **_learned(loss_params),
+                                  ref_embeddings=mem.embeddings, ref_labels=mem.labels,
+                                  ref_valid=mem.valid & use_memory)
+            loss = loss + xbm_weight * mem_loss
+        return loss, (info, updates["batch_stats"], emb)
 
-    (loss, (info, batch_stats)), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
-        state.params)
+    (loss, (info, batch_stats, emb)), (grads, loss_grads) = jax.value_and_grad(
+        loss_and_aux, argnums=(0, 1), has_aux=True)(state.params, state.loss_params)
     if axis_name is not None:
         # Invariant leaves were already summed by JAX; per-device params still vary.
-        grads = jax.tree.map(
-            lambda g: jax.lax.psum(g, axis_name) if axis_name in varying_axes(g) else g, grads)
+        psum_varying = lambda g: (jax.lax.psum(g, axis_name)  # noqa: E731
+                                  if axis_name in varying_axes(g) else g)
+        grads, loss_grads = jax.tree.map(psum_varying, (grads, loss_grads))
         if any(axis_name in varying_axes(s) for s in jax.tree.leaves(batch_stats)):
             raise ValueError(
                 f"BatchNorm statistics differ between devices: build the model with "
                 f"bn_axis_name={axis_name!r} so they are synchronised over the batch")
+    nan = jnp.float32(jnp.nan)
     metrics = {
         "loss": loss,
-        "active_fraction": info["active_fraction"],
-        "mean_pos_distance": info["mean_pos_distance"],
-        "mean_neg_distance": info["mean_neg_distance"],
-        "grad_norm": optax.tree.norm(grads),
+        "active_fraction": info.get("active_fraction", nan),
+        "mean_pos_distance": info.get("mean_pos_distance", nan),
+        "mean_neg_distance": info.get("mean_neg_distance", nan),
+        "grad_norm": optax.tree.norm((grads, loss_grads)),
         "lr": jnp.asarray(state.schedule(state.step) if state.schedule else jnp.nan),
     }
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    metrics["param_norm"] = optax.tree.norm(state.params)
+    memory = state.memory
+    if memory is not None:
+        new_rows, new_labels = jax.lax.stop_gradient(emb), labels
+        if axis_name is not None:  # the global batch, the same rows on every device
+            new_rows, new_labels = (_gather_invariant(a, axis_name)
+                                    for a in (new_rows, new_labels))
+        memory = xbm.enqueue(memory, new_rows, new_labels)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats, memory=memory,
+                                  loss_grads=None if state.loss_params is None else loss_grads)
+    metrics["param_norm"] = optax.tree.norm((state.params, state.loss_params))
     metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
     return state, metrics
 
 
-def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtype=jnp.float32):
+def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtype=jnp.float32,
+                    xbm_weight: float = 1.0):
     """Jitted, data-parallel ``step(state, images, labels, indices, key)``.
 
     ``images`` (N, H, W, C) uint8 and ``labels`` (N,) are the whole training set,
@@ -159,7 +190,7 @@ def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtyp
         batch = {"images": images[indices], "labels": labels[indices]}
         rng = jax.random.fold_in(key, state.step)
         return train_step(state, batch, rng, loss_fn=loss_fn, axis_name=AXIS,
-                          augment=augment, dtype=dtype)
+                          augment=augment, dtype=dtype, xbm_weight=xbm_weight)
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P()),
                             out_specs=(P(), P()), check_vma=True)

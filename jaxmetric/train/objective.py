@@ -1,0 +1,93 @@
+"""What a run minimises: the configured loss, the parameters it learns, its memory.
+
+* :func:`make_loss_fn` -- ``loss_fn(embeddings, labels, *, axis_name=None, params=None,
+  ref_embeddings=None, ref_labels=None, ref_valid=None) -> (loss, info)``: the function
+  ``jaxmetric.losses.<config.loss>_loss`` with the config's keyword arguments
+  (:attr:`~jaxmetric.config.TrainConfig.loss_kwargs`); ``params`` is the loss's own
+  learned argument (:func:`init_loss_params`) for the losses that have one;
+* :func:`init_loss_params` -- that argument at the start of a run: class proxies
+  (Proxy-Anchor, Proxy-NCA), class weights (ArcFace, CosFace) or the per-class
+  boundaries ``beta`` (margin loss); None for the other losses;
+* :func:`make_loss_optimizer` -- the optimizer of those parameters: the run's
+  optimizer at ``config.loss_lr_scale`` times its learning rate (the proxy papers train
+  proxies ~100x faster than the network), without weight decay (proxies and class
+  weights are compared by angle, their norm is not a capacity to restrain);
+* the cross-batch memory (:mod:`jaxmetric.xbm`) for pair-based losses:
+  :func:`xbm_start_step` and the loss on the memory, added by the train step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxmetric import losses
+from jaxmetric.config import LOSS_SPECS, TrainConfig
+
+__all__ = ["MARGIN_LOSS_BETA", "init_loss_params", "make_loss_fn", "make_loss_optimizer",
+           "xbm_start_step"]
+
+MARGIN_LOSS_BETA = 1.2
+"""Initial class boundary ``beta`` of the margin loss (Wu et al. 2017)."""
+
+
+def make_loss_fn(config: TrainConfig) -> Callable:
+    """``loss_fn(embeddings, labels, *, axis_name=None, params=None, **reference)``."""
+    spec = LOSS_SPECS[config.loss]
+    fn = functools.partial(getattr(losses, f"{config.loss}_loss"), **config.loss_kwargs)
+
+    def loss_fn(embeddings, labels, *, axis_name=None, params=None, **reference):
+        if spec.learned is None:
+            if params is not None:
+                raise ValueError(f"the {config.loss} loss learns no parameters; got params")
+            return fn(embeddings, labels, axis_name=axis_name, **reference)
+        if params is None:
+            raise ValueError(f"the {config.loss} loss needs its learned {spec.learned} "
+                             "(params=, see init_loss_params)")
+        return fn(embeddings, labels, params, axis_name=axis_name, **reference)
+
+    return loss_fn
+
+
+def init_loss_params(config: TrainConfig, rng: jax.Array, num_classes: int | None,
+                     embed_dim: int) -> jax.Array | None:
+    """The loss's learned argument at the start of a run, or None.
+
+    * ``"proxies"`` (C, D): Proxy-Anchor's He (fan-out) normal initialisation (Kim et
+      al.'s code), also used for Proxy-NCA;
+    * ``"weights"`` (C, D): Xavier (Glorot) normal, as ArcFace / CosFace
+      implementations initialise the last layer;
+    * ``"beta"`` (C,): :data:`MARGIN_LOSS_BETA` for every class.
+    """
+    learned = LOSS_SPECS[config.loss].learned
+    if learned is None:
+        return None
+    if num_classes is None or num_classes < 2:
+        raise ValueError(f"the {config.loss} loss learns its {learned} per class: give the "
+                         f"number of classes (>= 2); got {num_classes}")
+    if learned == "beta":
+        return jnp.full((num_classes,), MARGIN_LOSS_BETA, jnp.float32)
+    shape = (num_classes, embed_dim)
+    if learned == "proxies":
+        # kaiming_normal_(mode="fan_out") of a (C, D) tensor: std = sqrt(2 / C).
+        return jax.random.normal(rng, shape, jnp.float32) * jnp.sqrt(2.0 / num_classes)
+    return jax.nn.initializers.glorot_normal()(rng, shape, jnp.float32)
+
+
+def make_loss_optimizer(config: TrainConfig,
+                        schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optimizer of the loss's own parameters (module docstring)."""
+    scale = config.loss_lr_scale
+    scaled = lambda step: schedule(step) * scale  # noqa: E731
+    if config.optimizer == "sgd":
+        return optax.sgd(scaled, momentum=config.momentum, nesterov=True)
+    return optax.adam(scaled, b1=config.momentum)
+
+
+def xbm_start_step(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The first step whose loss includes the cross-batch memory's term."""
+    return int(round(config.xbm_start_epochs * steps_per_epoch))
