@@ -208,3 +208,26 @@ def test_proxy_nca_matches_pml_with_positive_in_denominator():
         paper, _ = losses.proxy_nca_loss(x, labels, w, softmax_scale=scale, reduction="none")
         assert not np.isclose(np.mean(paper), ref[0], rtol=1e-3)
         np.testing.assert_allclose(np.mean(jax.nn.softplus(paper)), ref[0], rtol=1e-5)
+
+
+def test_large_batch_against_float64_in_memory_of_order_b_times_c():
+    """B = 4096, C = 100: Proxy-Anchor against a vectorised float64 NumPy computation;
+    the compiled loss + gradient needs O(B C) temporary memory, far from B²."""
+    b, c, d = 4096, 100, 16
+    rng = np.random.default_rng(14)
+    x, w = checks.unit(rng, b, d), rng.normal(size=(c, d)).astype(np.float32)
+    labels = rng.integers(0, c, b).astype(np.int32)
+    fn = jax.jit(jax.value_and_grad(lambda e, p: losses.proxy_anchor_loss(e, labels, p)[0],
+                                    (0, 1)))
+    compiled = fn.lower(x, w).compile()
+    loss, _ = compiled(x, w)
+    s = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float64) @ (
+        w / np.linalg.norm(w, axis=1, keepdims=True)).T.astype(np.float64)
+    own = labels[:, None] == np.arange(c)
+    pos = np.log1p(np.where(own, np.exp(-32.0 * (s - 0.1)), 0.0).sum(0))
+    neg = np.log1p(np.where(~own, np.exp(32.0 * (s + 0.1)), 0.0).sum(0))
+    want = pos.sum() / own.any(0).sum() + neg.sum() / c
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        assert analysis.temp_size_in_bytes < 64 * b * c, analysis.temp_size_in_bytes  # B² = 64 MiB
