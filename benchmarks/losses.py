@@ -4,6 +4,7 @@
     python -m benchmarks.losses --sizes 1024 4096 --modes all semihard
     python -m benchmarks.losses --json benchmarks/results/losses-cpu.json
     python -m benchmarks.losses --pml-python /path/to/venv-with-pml/bin/python
+    python -m benchmarks.losses --losses proxy_anchor arcface --sizes 1024 4096
 
 Every configuration runs in a fresh subprocess so that its peak memory is its own:
 ``peak_rss_mib`` is the process's peak resident set during the warm-up and timed calls
@@ -14,6 +15,12 @@ minus its resident set after compiling (Linux: the peak is reset through
 Inputs: B unit-norm embeddings of dimension D = 128, labels uniform over 10 classes,
 squared L2, margin 0.2, reduction "mean". Times are medians of ``--repeats`` calls of
 ``jax.value_and_grad`` (loss and gradient with respect to the embeddings).
+
+``--losses`` adds the losses of rows against learned class vectors (Proxy-Anchor,
+Proxy-NCA, ArcFace, CosFace) with their defaults, one (C, D) = (10, 128) array of
+class vectors drawn from N(0, 1), gradient with respect to the embeddings and the class
+vectors; PML's counterpart beside them (same defaults; ``ProxyNCALoss`` puts the own
+proxy in the denominator, ``ArcFaceLoss`` thresholds large angles, which costs the same).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import time
 
 DIM, CLASSES, MARGIN = 128, 10, 0.2
 IMPLS = ("jaxmetric", "lecture_mask_jax", "python_loops", "pml")
+CLASS_LOSSES = ("proxy_anchor", "proxy_nca", "arcface", "cosface")
+"""Losses of rows against learned class vectors; PML runs them at every size."""
 # The references are only run where they fit this 24 GiB / 2-core machine in seconds.
 MAX_B = {"lecture_mask_jax": 512, "python_loops": 128, "pml": 1024}
 
@@ -114,11 +123,66 @@ def _pml_fn(x, labels):
     return run
 
 
+def _class_vectors():
+    import numpy as np
+
+    return np.random.default_rng(1).normal(size=(CLASSES, DIM)).astype(np.float32)
+
+
+def _pml_class_loss_fn(name, x, labels, w):
+    """PML's counterpart of a class-vector loss with jaxmetric's defaults; loss and
+    backward (embeddings and class vectors) on the CPU."""
+    import math
+
+    import torch
+    from pytorch_metric_learning import losses
+
+    if name == "proxy_anchor":
+        loss_fn = losses.ProxyAnchorLoss(CLASSES, DIM, margin=0.1, alpha=32)
+        param = loss_fn.proxies
+    elif name == "proxy_nca":
+        loss_fn = losses.ProxyNCALoss(CLASSES, DIM, softmax_scale=1)
+        param = loss_fn.proxies
+    else:
+        cls = losses.ArcFaceLoss if name == "arcface" else losses.CosFaceLoss
+        margin = math.degrees(0.5) if name == "arcface" else 0.35
+        loss_fn = cls(CLASSES, DIM, margin=margin, scale=64)
+        param = loss_fn.W
+        w = w.T.copy()  # PML's weights are (D, C)
+    param.data = torch.from_numpy(w)
+    y = torch.from_numpy(labels.astype("int64"))
+
+    def run():
+        param.grad = None
+        e = torch.from_numpy(x.copy()).requires_grad_(True)
+        loss_fn(e, y).backward()
+        return e.grad, param.grad
+
+    return run
+
+
+def _jax_loss(impl, mode, labels):
+    """The jaxmetric or lecture-mask loss as a function of (embeddings, class vectors)."""
+    from jaxmetric import losses
+
+    if mode in CLASS_LOSSES:
+        fn = getattr(losses, f"{mode}_loss")
+        return lambda e, w: fn(e, labels, w)[0]
+    if impl == "jaxmetric":
+        return lambda e, w: losses.triplet_loss(e, labels, margin=MARGIN, mining=mode)[0]
+    return lambda e, w: _lecture_mask_loss(e, labels)
+
+
 def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
     x, labels = _inputs(b)
+    w = _class_vectors()
     xla_temp = None
     base = None
-    if impl == "pml":
+    if impl == "pml" and mode in CLASS_LOSSES:
+        fn = _pml_class_loss_fn(mode, x, labels, w)
+        base = _reset_peak_rss_kib()
+        fn()  # warm-up
+    elif impl == "pml":
         fn = _pml_fn(x, labels)
         base = _reset_peak_rss_kib()
         fn()  # warm-up
@@ -128,17 +192,13 @@ def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
     else:
         import jax
 
-        from jaxmetric import losses
-
-        if impl == "jaxmetric":
-            loss = lambda e: losses.triplet_loss(e, labels, margin=MARGIN, mining=mode)[0]  # noqa: E731
-        else:
-            loss = lambda e: _lecture_mask_loss(e, labels)  # noqa: E731
-        compiled = jax.jit(jax.value_and_grad(loss)).lower(x).compile()
+        argnums = (0, 1) if mode in CLASS_LOSSES else 0
+        compiled = jax.jit(jax.value_and_grad(_jax_loss(impl, mode, labels), argnums)).lower(
+            x, w).compile()
         analysis = compiled.memory_analysis()
         if analysis is not None:
             xla_temp = analysis.temp_size_in_bytes / 2**20
-        fn = lambda: jax.block_until_ready(compiled(x))  # noqa: E731
+        fn = lambda: jax.block_until_ready(compiled(x, w))  # noqa: E731
         base = _reset_peak_rss_kib()
         fn()  # warm-up
     if base is None:
@@ -151,7 +211,7 @@ def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
     peak = _peak_rss_kib()
     return {
         "impl": impl,
-        "mining": mode,
+        "mining": mode,  # the triplet loss's mining mode, or a class-vector loss's name
         "batch_size": b,
         "median_s": statistics.median(times),
         "peak_rss_mib": (peak - base) / 1024,
@@ -194,6 +254,9 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024, 4096, 16384])
     p.add_argument("--modes", nargs="+", default=list(MINING_MODES), choices=MINING_MODES)
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--losses", nargs="+", default=["triplet"],
+                   choices=("triplet",) + CLASS_LOSSES,
+                   help="the triplet loss (with --modes) and/or the class-vector losses")
     p.add_argument("--large-modes", nargs="+", default=["all"], choices=MINING_MODES,
                    help="modes also run at B > 4096 (slow on a CPU)")
     p.add_argument("--repeats", type=int, default=3)
@@ -207,17 +270,21 @@ def main(argv=None):
 
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"# triplet loss + grad, D={DIM}, {CLASSES} classes, margin {MARGIN}, mean ({machine})")
-    print("| impl | mining | B | median s | peak RSS MiB | XLA temp MiB | note |")
+    print(f"# loss + grad, D={DIM}, {CLASSES} classes, triplet margin {MARGIN}, mean ({machine})")
+    print("| impl | mining / loss | B | median s | peak RSS MiB | XLA temp MiB | note |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for b in args.sizes:
         for impl in args.impls:
-            if b > MAX_B.get(impl, b) or (impl == "pml" and not args.pml_python):
+            if impl == "pml" and not args.pml_python:
                 continue
-            modes = args.modes if impl == "jaxmetric" else ["all"]
+            modes = []
+            if "triplet" in args.losses and b <= MAX_B.get(impl, b):
+                modes += args.modes if impl == "jaxmetric" else ["all"]
+            if impl in ("jaxmetric", "pml"):
+                modes += [name for name in args.losses if name in CLASS_LOSSES]
             for mode in modes:
-                if b > 4096 and mode not in args.large_modes:
+                if b > 4096 and mode not in args.large_modes + list(CLASS_LOSSES):
                     continue
                 python = args.pml_python if impl == "pml" else sys.executable
                 r = _worker(impl, mode, b, args.repeats, args.timeout, python)

@@ -381,3 +381,11 @@ def triplet_loss(
         info.update(reductions.anchor_info(groups))
     exact = ("num_valid_triplets", "num_pos_pairs", "num_neg_pairs")
     return batch_lib.propagate_nonfinite(b, loss, info, exact)
+
+
+# ------------------------------------------------- losses defined in their own modules
+
+from jaxmetric.margin_softmax_losses import arcface_loss, cosface_loss  # noqa: E402
+from jaxmetric.proxy_losses import proxy_anchor_loss, proxy_nca_loss  # noqa: E402
+
+__all__ += ["arcface_loss", "cosface_loss", "proxy_anchor_loss", "proxy_nca_loss"]
