@@ -79,6 +79,7 @@ def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
     ("contrastive", {}),
     ("triplet", {"mining": "semihard"}),
     ("contrastive", {"xbm_size": 24, "xbm_start_epochs": 0.0}),  # the memory's term too
+    ("proxy_anchor", {"loss_lr_multiplier": 2.0}),  # learned proxies, their own optimizer
 ])
 def test_eight_devices_equal_one_device(tmp_path, loss, extra):
     config = tiny_config(tmp_path, loss=loss, lr=0.5, warmup_epochs=0.0, **extra)
@@ -215,6 +216,37 @@ def test_resume_after_crash_equals_uninterrupted(uninterrupted, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in read_records(out_dir)], ref_losses, rtol=1e-6)
     assert not junk.exists()  # cleaned up when the manager opened
     assert train.finalized_epochs(out_dir / "checkpoints") == [1, 2]
+
+
+@pytest.mark.parametrize("loss,extra", [
+    ("proxy_anchor", {}),
+    ("contrastive", {"xbm_size": 32, "xbm_start_epochs": 1.0}),
+])
+def test_loss_state_is_checkpointed_and_resumed(tmp_path, loss, extra):
+    """Proxies (and their optimizer state) and the memory survive a crash and a resume."""
+    config = tiny_config(tmp_path, loss=loss, **extra)
+    ref = train.fit(config, tiny_dataset(), tmp_path / "ref", mesh=mesh_of(2), progress=False)
+
+    def crash_at_epoch_2(state, epoch):
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+        return {}
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.fit(config, tiny_dataset(), tmp_path / "run", mesh=mesh_of(2), progress=False,
+                  eval_hook=crash_at_epoch_2)
+    state = train.fit(config, tiny_dataset(), tmp_path / "run", resume=True, mesh=mesh_of(2),
+                      progress=False)
+    kept = lambda s: (s.params, s.loss_params, s.loss_opt_state, s.memory)  # noqa: E731
+    assert_trees_close(kept(state), kept(ref), rtol=0, atol=1e-6)
+    if loss == "proxy_anchor":  # the proxies learned: they moved from their start
+        start = fresh_state(config).loss_params
+        assert state.loss_params.shape == (NUM_CLASSES, 16)
+        assert not np.allclose(state.loss_params, start)
+    else:
+        assert int(state.memory.valid.sum()) == 32
+    _, restored, _ = train.restore_state(tmp_path / "run", mesh=mesh_of(1))
+    assert_trees_close(kept(restored), kept(ref), rtol=0, atol=1e-6)
 
 
 def test_refuses_to_overwrite_a_run(uninterrupted, tmp_path):

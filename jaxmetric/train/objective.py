@@ -27,6 +27,8 @@ import optax
 
 from jaxmetric import losses
 from jaxmetric.config import LOSS_SPECS, TrainConfig
+from jaxmetric.margin_softmax_losses import init_weights
+from jaxmetric.proxy_losses import init_proxies
 
 __all__ = ["MARGIN_LOSS_BETA", "init_loss_params", "make_loss_fn", "make_loss_optimizer",
            "xbm_start_step"]
@@ -57,10 +59,10 @@ def init_loss_params(config: TrainConfig, rng: jax.Array, num_classes: int | Non
                      embed_dim: int) -> jax.Array | None:
     """The loss's learned argument at the start of a run, or None.
 
-    * ``"proxies"`` (C, D): Proxy-Anchor's He (fan-out) normal initialisation (Kim et
-      al.'s code), also used for Proxy-NCA;
-    * ``"weights"`` (C, D): Xavier (Glorot) normal, as ArcFace / CosFace
-      implementations initialise the last layer;
+    * ``"proxies"`` (C, D): :func:`jaxmetric.proxy_losses.init_proxies`, He (fan-out)
+      normal as in Kim et al.'s code, for Proxy-Anchor and Proxy-NCA;
+    * ``"weights"`` (C, D): :func:`jaxmetric.margin_softmax_losses.init_weights`, N(0, 1)
+      as in pytorch-metric-learning (the losses see directions only);
     * ``"beta"`` (C,): :data:`MARGIN_LOSS_BETA` for every class.
     """
     learned = LOSS_SPECS[config.loss].learned
@@ -71,11 +73,9 @@ def init_loss_params(config: TrainConfig, rng: jax.Array, num_classes: int | Non
                          f"number of classes (>= 2); got {num_classes}")
     if learned == "beta":
         return jnp.full((num_classes,), MARGIN_LOSS_BETA, jnp.float32)
-    shape = (num_classes, embed_dim)
     if learned == "proxies":
-        # kaiming_normal_(mode="fan_out") of a (C, D) tensor: std = sqrt(2 / C).
-        return jax.random.normal(rng, shape, jnp.float32) * jnp.sqrt(2.0 / num_classes)
-    return jax.nn.initializers.glorot_normal()(rng, shape, jnp.float32)
+        return init_proxies(rng, num_classes, embed_dim)
+    return init_weights(rng, num_classes, embed_dim)
 
 
 def make_loss_optimizer(config: TrainConfig,
