@@ -114,6 +114,8 @@ def choose_classes(
         repeated name, a class on both sides, or fewer than :data:`MIN_CLASSES` on a side.
     """
     names = tuple(class_names)
+    if test_class_list is not None and train_class_list is None:
+        raise ValueError("test_class_list needs train_class_list")
     ways = [w for w, v in (("train_classes", train_classes), ("unseen_classes", unseen_classes),
                            ("train_class_list", train_class_list)) if v is not None]
     if len(ways) != 1:
@@ -121,8 +123,6 @@ def choose_classes(
             "choose the training classes one way: train_classes (the first N), "
             "unseen_classes (the last N held out) or train_class_list (by name); got "
             + (", ".join(ways) if ways else "none"))
-    if test_class_list is not None and train_class_list is None:
-        raise ValueError("test_class_list needs train_class_list")
     most = len(names) - MIN_CLASSES
     if train_classes is not None or unseen_classes is not None:
         what = "train_classes" if train_classes is not None else "unseen_classes"
