@@ -80,7 +80,7 @@ def test_cli_missing_and_corrupt_data(tmp_path, isolated_cache, capsys):
 
 
 def test_module_entry_points_show_help():
-    for module in ("experiments.cifar10", "jaxmetric.evaluate"):
+    for module in ("experiments.cifar10", "experiments.retrieval", "jaxmetric.evaluate"):
         done = subprocess.run([sys.executable, "-m", module, "--help"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
