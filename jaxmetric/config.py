@@ -184,6 +184,12 @@ class TrainConfig:
                                    "class-balanced; None: all")
     max_test: int | None = _field(None, "keep only the first N test images, class-balanced; "
                                   "None: all")
+    # --- class-disjoint evaluation (jaxmetric.splits)
+    unseen_classes: int | None = _field(
+        None, "hold the last N classes (label order) out of training and evaluate retrieval "
+        "on them only: their test images query their training images, and each other "
+        "(leave-one-out); max_train/max_test apply before the split. None: every class "
+        "trains and is evaluated")
     eval_every: int = _field(10, "call the evaluation hook (precision@1) every N epochs "
                              "and after the last")
     log_every: int = _field(50, "fetch step metrics from the device every N steps")
@@ -207,6 +213,8 @@ class TrainConfig:
         for name in ("max_train", "max_test"):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), minimum=1)
+        if self.unseen_classes is not None:  # at most num_classes - 2: jaxmetric.splits
+            _int("unseen_classes", self.unseen_classes, minimum=2)
         if self.margin is not None:
             _number("margin", self.margin, minimum=0.0)
         _number("pos_margin", self.pos_margin, minimum=0.0)

@@ -88,6 +88,7 @@ __all__ = [
     "cifar10_description",
     "default_cache_dir",
     "load_cifar10",
+    "tensorflow_on_cpu_only",
 ]
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,10 @@ class Dataset:
       mean, std: per-channel pixel statistics in [0, 1] units for normalisation (both
         or neither); None = computed from the training images (:attr:`normalization`).
       description: how reports name the data, e.g. ``"CIFAR-10 (tensorflow-datasets)"``.
+      input_size: side of the square the model sees when the images are stored larger
+        (see :mod:`jaxmetric.folders`): random-resized crops of that size in training,
+        the centre crop at evaluation. None: the images as stored, with the pad-4 crop
+        + flip in training (the CIFAR recipe).
     """
 
     train: Split
@@ -183,6 +188,7 @@ class Dataset:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     description: str | None = None
+    input_size: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.class_names, tuple) or not self.class_names:
@@ -212,6 +218,11 @@ class Dataset:
                 object.__setattr__(self, name, value)
             if min(self.std) <= 0:
                 raise ValueError(f"Dataset.std must be > 0; got {self.std}")
+        if self.input_size is not None:
+            size = check_positive_int("Dataset.input_size", self.input_size)
+            if size > min(self.image_shape[:2]):
+                raise ValueError(f"Dataset.input_size {size} is larger than the stored images "
+                                 f"{self.image_shape}")
 
     @property
     def num_classes(self) -> int:
@@ -827,7 +838,7 @@ def _load_tfds() -> Dataset:
         prepared = os.path.exists(os.path.join(os.fspath(builder.data_dir), "dataset_info.json"))
         if not prepared:
             _check_online()
-        _tensorflow_on_cpu_only()  # before tfds runs any TensorFlow op
+        tensorflow_on_cpu_only()  # before tfds runs any TensorFlow op
         if not prepared:
             builder.download_and_prepare()
         splits = {}
@@ -846,8 +857,8 @@ def _load_tfds() -> Dataset:
     return Dataset(splits["train"], splits["test"], class_names)
 
 
-def _tensorflow_on_cpu_only() -> None:
-    """Hides every GPU from TensorFlow, which tfds uses to prepare and read cifar10.
+def tensorflow_on_cpu_only() -> None:
+    """Hides every GPU from TensorFlow, which tfds uses to prepare and read its data sets.
 
     TensorFlow is only a host-side reader here; on a GPU build it would otherwise
     reserve most of each GPU's memory at its first op, memory JAX then cannot have. This

@@ -7,9 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmetric.augment import (
+    RESIZED_CROP_RATIO,
+    RESIZED_CROP_SCALE,
+    augment_resized,
+    center_crop,
+    resized_crop,
+    sample_crop_flip,
+    sample_resized_crop,
+)
 from jaxmetric.augment import augment as augment_with_stats
 from jaxmetric.augment import normalize as normalize_with_stats
-from jaxmetric.augment import sample_crop_flip
 from jaxmetric.data import CIFAR10_MEAN, CIFAR10_STD
 
 MEAN = np.asarray(CIFAR10_MEAN, np.float32)
@@ -140,3 +148,75 @@ def test_jit_determinism_and_key_dependence(images):
     static = jax.jit(augment_with_stats, static_argnames=("pad", "flip", "dtype"))
     out = static(k1, x, mean=CIFAR10_MEAN, std=CIFAR10_STD, pad=2, dtype=jnp.bfloat16)
     assert out.dtype == jnp.bfloat16 and out.shape == x.shape
+
+
+# ------------------------------------------------------- random-resized crop, centre crop
+
+
+def test_center_crop_takes_the_middle():
+    images = np.arange(2 * 7 * 6 * 1, dtype=np.uint8).reshape(2, 7, 6, 1)
+    out = np.asarray(center_crop(jnp.asarray(images), 4))
+    np.testing.assert_array_equal(out, images[:, 1:5, 1:5])
+    with pytest.raises(ValueError, match="does not fit"):
+        center_crop(jnp.asarray(images), 7)
+
+
+def test_resized_crop_boxes_lie_inside_with_the_drawn_area_and_ratio():
+    boxes = np.asarray(sample_resized_crop(jax.random.key(0), 4096, 60, 80))
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 60 + 1e-3).all() and (left + w <= 80 + 1e-3).all()
+    area = h * w / (60 * 80)
+    ratio = w / h
+    # Boxes that fit are drawn from the scale and ratio ranges; the rest are the
+    # fallback (here: the whole image, whose ratio 4/3 is in range).
+    drawn = ~np.isclose(area, 1.0)
+    assert drawn.mean() > 0.9
+    assert (area[drawn] >= RESIZED_CROP_SCALE[0] - 1e-5).all()
+    assert (ratio >= RESIZED_CROP_RATIO[0] - 1e-4).all()
+    assert (ratio <= RESIZED_CROP_RATIO[1] + 1e-4).all()
+    assert 0.3 < area.mean() < 0.7  # U(0.08, 1), slightly reduced by the fit test
+    # A tall image whose ratio is out of range falls back to a centred 3:4 box.
+    boxes = np.asarray(sample_resized_crop(jax.random.key(1), 64, 100, 10, scale=(1.0, 1.0)))
+    np.testing.assert_allclose(boxes, np.tile([[100 / 2 - 40 / 6, 0, 40 / 3, 10]], (64, 1)),
+                               rtol=1e-5)
+
+
+def test_resized_crop_resamples_exactly_on_the_pixel_grid():
+    images = np.random.default_rng(0).integers(0, 256, (3, 12, 10, 2), dtype=np.uint8)
+    # A whole-pixel box of the output size: the plain slice.
+    boxes = jnp.asarray([[2, 3, 6, 6], [0, 0, 6, 6], [6, 4, 6, 6]], jnp.float32)
+    out = np.asarray(resized_crop(jnp.asarray(images), boxes, 6))
+    np.testing.assert_array_equal(out[0], images[0, 2:8, 3:9])
+    np.testing.assert_array_equal(out[2], images[2, 6:12, 4:10])
+    # Shrinking, enlarging and sub-pixel boxes: Pillow's antialiased bilinear resize of
+    # the same box, to within rounding.
+    from PIL import Image
+
+    for (top, left, h, w), size in (((0, 0, 8, 8), 4), ((1.5, 2, 6, 5), 7), ((2, 1, 9, 7), 5)):
+        boxes = jnp.asarray([[top, left, h, w]] * 3, jnp.float32)
+        out = np.asarray(resized_crop(jnp.asarray(images), boxes, size)).astype(int)
+        ref = np.stack([np.stack([np.asarray(Image.fromarray(images[i, :, :, c]).resize(
+            (size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
+            for c in range(2)], axis=-1) for i in range(3)]).astype(int)
+        assert np.abs(out - ref).max() <= 1, (top, left, h, w)
+
+
+def test_augment_resized_shape_flip_and_normalisation():
+    images = np.random.default_rng(1).integers(0, 256, (8, 20, 24, 1), dtype=np.uint8)
+    out = augment_resized(jax.random.key(3), jnp.asarray(images), size=16, mean=(0.5,),
+                          std=(0.25,), scale=(1.0, 1.0), ratio=(1.2, 1.2))
+    assert out.shape == (8, 16, 16, 1) and out.dtype == jnp.float32
+    # scale 1 and the image's own ratio: every crop is the whole image, resized.
+    whole = resized_crop(jnp.asarray(images), jnp.tile(jnp.asarray([[0, 0, 20, 24]],
+                                                                    jnp.float32), (8, 1)), 16)
+    expected = (np.asarray(whole, np.float32) / 255 - 0.5) / 0.25
+    got = np.asarray(out)
+    flipped = [np.allclose(got[i], expected[i, :, ::-1], atol=1e-5)
+               and not np.allclose(got[i], expected[i], atol=1e-5) for i in range(8)]
+    same = [np.allclose(got[i], expected[i], atol=1e-5) for i in range(8)]
+    assert all(f or s for f, s in zip(flipped, same, strict=True))
+    assert 0 < sum(flipped) < 8
+    jitted = jax.jit(augment_resized, static_argnames=("size", "mean", "std", "dtype"))
+    assert jitted(jax.random.key(3), jnp.asarray(images), size=16, mean=(0.5,),
+                  std=(0.25,)).shape == (8, 16, 16, 1)

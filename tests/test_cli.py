@@ -80,7 +80,7 @@ def test_cli_missing_and_corrupt_data(tmp_path, isolated_cache, capsys):
 
 
 def test_module_entry_points_show_help():
-    for module in ("experiments.cifar10", "jaxmetric.evaluate"):
+    for module in ("experiments.cifar10", "experiments.retrieval", "jaxmetric.evaluate"):
         done = subprocess.run([sys.executable, "-m", module, "--help"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
@@ -258,3 +258,59 @@ def test_cpu_hint_is_a_valid_command():
     argv = cifar10.CPU_COMMAND.replace("LOSS", "triplet").split()[3:]
     config = _config(argv)
     assert (config.model, config.epochs, config.max_train) == ("homebrew", 10, 10_000)
+
+
+# ------------------------------------------------------------ classes never trained on
+
+@pytest.mark.slow
+def test_unseen_classes_run_never_trains_on_a_held_out_image(cifar_tarball, tmp_path,
+                                                            isolated_cache, monkeypatch):
+    import numpy as np
+
+    from jaxmetric import data, train
+
+    trained = []
+    fit = train.fit
+
+    def recording_fit(config, dataset, *args, **kwargs):
+        trained.append(dataset)
+        return fit(config, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", recording_fit)
+    out = tmp_path / "run"
+    argv = ["--loss", "contrastive", "--model", "homebrew", "--embed-dim", "16",
+            "--unseen-classes", "5", "--data-dir", str(cifar_tarball), "--max-train", "320",
+            "--max-test", "100", "--batch-size", "64", "--epochs", "1", "--tsne-points", "0",
+            "--no-progress", "--out", str(out)]
+    assert cifar10.main(argv) == 0
+    (dataset,) = trained
+    assert dataset.class_names == data.CIFAR10_CLASSES[:5]
+    assert set(np.unique(dataset.train.labels)) == set(range(5))
+    assert len(dataset.train) == 160  # 32 of each of the 5 training classes
+    # No training image is an image of a held-out class (compared pixel for pixel).
+    whole = data.load_cifar10(cifar_tarball, max_train=320, max_test=100)
+    held = np.concatenate([whole.train.images[whole.train.labels >= 5],
+                           whole.test.images[whole.test.labels >= 5]])
+    seen = {img.tobytes() for img in dataset.train.images}
+    assert not seen & {img.tobytes() for img in held}
+    assert json.loads((out / "config.json").read_text())["unseen_classes"] == 5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"]["eval_classes"] == list(data.CIFAR10_CLASSES[5:])
+    assert metrics["test_vs_train"]["n_queries"] == 50  # held-out test images
+    assert metrics["test_vs_test"]["n_queries"] == 50
+    for protocol in ("test_vs_train", "test_vs_test"):
+        for key in ("recall_at_1", "recall_at_8", "r_precision", "map_at_r"):
+            assert 0.0 <= metrics[protocol][key] <= 1.0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["precision_at_1_of"] == "held-out classes, test vs train"
+    assert "classes held out of training" in (out / "report.md").read_text()
+
+
+def test_unseen_classes_out_of_range_exit_2(cifar_tarball, tmp_path, isolated_cache):
+    for n in ("1", "9"):  # 1: the config; 9: the split (10 classes leave 1 to train)
+        with pytest.raises(SystemExit) as e:
+            cifar10.main(["--loss", "triplet", "--unseen-classes", n, "--data-dir",
+                          str(cifar_tarball), "--max-train", "100", "--max-test", "20",
+                          "--batch-size", "20", "--out", str(tmp_path / n)])
+        assert e.value.code == 2, n
+        assert not (tmp_path / n).exists()

@@ -547,12 +547,12 @@ def test_tensorflow_is_kept_off_gpus(monkeypatch):
     fake_tf = types.ModuleType("tensorflow")
     fake_tf.config = Config
     monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
-    data._tensorflow_on_cpu_only()
+    data.tensorflow_on_cpu_only()
     assert calls == [([], "GPU")]
 
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # TensorFlow not installed
     with pytest.raises(DataError, match=r"needs TensorFlow.*\.\[data\].*--data-dir PATH"):
-        data._tensorflow_on_cpu_only()
+        data.tensorflow_on_cpu_only()
 
 
 # ----------------------------------------------------------------------------- cache

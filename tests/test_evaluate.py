@@ -499,3 +499,14 @@ def test_knn_vote_blocks_do_not_change_results(monkeypatch):
     whole = ev.per_query_metrics(nbr, ql, r, knn_k=7)["knn_accuracy"]
     monkeypatch.setattr(ev_metrics, "DEFAULT_CHUNK_ENTRIES", 60)  # blocks of one row
     np.testing.assert_array_equal(ev.per_query_metrics(nbr, ql, r, knn_k=7)["knn_accuracy"], whole)
+
+
+def test_evaluate_embeddings_without_references_is_leave_one_out_only():
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 10)
+    emb = ev.l2_normalize(rng.normal(size=(40, 8)) + 3 * np.eye(8)[labels])
+    out = ev.evaluate_embeddings(None, None, emb, labels, clustering=False)
+    assert "test_vs_train" not in out
+    assert out["test_vs_test"] == ev.retrieval_metrics(emb, labels)
+    with pytest.raises(ValueError, match="give both or neither"):
+        ev.evaluate_embeddings(emb, None, emb, labels)

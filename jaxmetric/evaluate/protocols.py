@@ -274,8 +274,12 @@ def evaluate_embeddings(
     * ``clustering``: NMI/AMI of k-means on the test embeddings (see
       :func:`clustering_metrics`), if ``clustering``.
 
+    With ``train_emb=None`` (no reference set: the class-disjoint protocol of
+    CUB-200-2011 or Cars196, where every image of a test class is a query) only
+    ``test_vs_test`` and the clustering are computed.
+
     Args:
-      train_emb, train_labels: ``(N, D)`` and ``(N,)`` reference set.
+      train_emb, train_labels: ``(N, D)`` and ``(N,)`` reference set, or both None.
       test_emb, test_labels: ``(Q, D)`` and ``(Q,)`` query set.
       ks, knn_k, chunk_entries, progress: see :func:`retrieval_metrics`.
       index: ``"flat"`` (exact) or ``"ivfpq"``; ``nlist, m, nbits, nprobe`` configure
@@ -296,16 +300,22 @@ def evaluate_embeddings(
     """
     if index not in INDEX_TYPES:
         raise ValueError(f"unknown index type {index!r}; expected one of {INDEX_TYPES}")
-    tr = as_embeddings(train_emb, "train_emb")
+    if (train_emb is None) != (train_labels is None):
+        raise ValueError("train_emb and train_labels go together: give both or neither")
     te = as_embeddings(test_emb, "test_emb")
-    check_same_dim(te, tr, "test_emb", "train_emb")
-    trl = as_labels(train_labels, tr.shape[0], "train_labels", "train_emb")
     tel = as_labels(test_labels, te.shape[0], "test_labels", "test_emb")
+    protocols: list[tuple[str, Any, Any]] = []
+    if train_emb is not None:
+        tr = as_embeddings(train_emb, "train_emb")
+        check_same_dim(te, tr, "test_emb", "train_emb")
+        trl = as_labels(train_labels, tr.shape[0], "train_labels", "train_emb")
+        protocols.append(("test_vs_train", tr, trl))
+    protocols.append(("test_vs_test", None, None))
     common = dict(ks=ks, knn_k=knn_k, chunk_entries=chunk_entries, progress=progress)
 
     out: dict[str, dict[str, Any]] = {}
     index_info: dict[str, Any] = {"type": index}
-    for name, refs, ref_labels in (("test_vs_train", tr, trl), ("test_vs_test", None, None)):
+    for name, refs, ref_labels in protocols:
         base = te if refs is None else refs
         if index == "flat":
             idx = build_index(base)

@@ -2,7 +2,9 @@
 
 Restores the run's checkpoint (the latest, or ``--epoch``), loads the data it was trained
 on (or ``--data-dir``), and writes ``metrics.json``, ``report.md`` and the pictures again
-(see :func:`jaxmetric.report.evaluate_state`).
+(see :func:`jaxmetric.report.evaluate_state`); a run with ``unseen_classes`` is evaluated
+on its held-out classes again. Runs of ``python -m experiments.cifar10`` only: the data
+of ``experiments.retrieval`` runs is chosen by flags that config.json does not hold.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from jaxmetric import data, train
+    from jaxmetric import data, splits, train
 
+    split = None
     try:
         config = train.load_config(args.run_dir)
         data_dir = args.data_dir if args.data_dir is not None else config.data_dir
         dataset = data.load_cifar10(data_dir, max_train=config.max_train,
                                     max_test=config.max_test)
+        if config.unseen_classes is not None:  # evaluated on the held-out classes only
+            held_out = splits.hold_out_last(dataset, config.unseen_classes)
+            dataset, split = held_out.eval, held_out.describe()
         # The data set only stands in for the image shape and normalisation of
         # checkpoints that do not record them (written by an earlier version).
         config, state, epoch = train.restore_state(args.run_dir, epoch=args.epoch,
@@ -42,6 +48,7 @@ def main(argv=None) -> int:
         return 1
     cfg = config.to_dict() | {"data_dir": data_dir}
     metrics = evaluate_state(state, dataset, args.run_dir, config=cfg, epoch=epoch,
-                             tsne_points=args.tsne_points, progress=not args.no_progress)
+                             tsne_points=args.tsne_points, progress=not args.no_progress,
+                             split=split)
     print(f"{args.run_dir} epoch {epoch}: {summary_line(metrics)}")
     return 0

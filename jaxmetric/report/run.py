@@ -32,37 +32,47 @@ EMBED_BATCH = 1024
 
 
 def embed_splits(state, dataset, *, mesh=None, progress: bool = True):
-    """L2-normalised float32 embeddings of the training and test images."""
+    """L2-normalised float32 embeddings of the training and test images (the training
+    ones None when the data set has none: a held-out side without a gallery)."""
     from jaxmetric import train
 
     embed_fn = train.make_embed_fn(state, mesh=mesh)
     batch = EMBED_BATCH
     if mesh is not None:
         batch = -(-batch // mesh.size) * mesh.size
-    train_emb = evaluate.embed(embed_fn, dataset.train.images, batch_size=batch,
-                               progress=progress, desc="embed train")
+    train_emb = None
+    if len(dataset.train):
+        train_emb = evaluate.embed(embed_fn, dataset.train.images, batch_size=batch,
+                                   progress=progress, desc="embed train")
     test_emb = evaluate.embed(embed_fn, dataset.test.images, batch_size=batch,
                               progress=progress, desc="embed test")
     return train_emb, test_emb
 
 
-def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False):
-    """``hook(state, epoch) -> {"precision_at_1": ...}`` for :func:`train.fit`.
+def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False, what: str | None = None):
+    """``hook(state, epoch) -> {"precision_at_1": ..., "precision_at_1_of": ...}`` for
+    :func:`train.fit`.
 
-    Test queries against the training set with an exact FAISS index (the lecture's P@1);
-    computed on process 0 and broadcast, so every process logs the same record.
+    Test queries against the training set with an exact FAISS index (the lecture's P@1),
+    or leave-one-out among the test images when ``dataset`` has no training images (the
+    held-out side of a :class:`jaxmetric.splits.ClassSplit` without a gallery). For the
+    class-disjoint protocol pass the held-out side (``ClassSplit.eval``): the P@1 is then
+    measured on classes never trained on. ``precision_at_1_of`` says what was measured
+    (``what``, else the protocol); computed on process 0 and broadcast, so every process
+    logs the same record.
     """
+    leave_one_out = len(dataset.train) == 0
+    label = what or ("test vs test, leave-one-out" if leave_one_out else "test vs train")
 
     def hook(state, epoch):
         train_emb, test_emb = embed_splits(state, dataset, mesh=mesh, progress=progress)
         p1 = 0.0
         if jax.process_index() == 0:
-            m = evaluate.retrieval_metrics(
-                test_emb, dataset.test.labels, train_emb, dataset.train.labels, ks=(1,)
-            )
+            refs = (None, None) if leave_one_out else (train_emb, dataset.train.labels)
+            m = evaluate.retrieval_metrics(test_emb, dataset.test.labels, *refs, ks=(1,))
             p1 = float(m["precision_at_1"])
         p1 = float(distributed.broadcast_from_primary(np.float32(p1)))
-        return {"precision_at_1": p1}
+        return {"precision_at_1": p1, "precision_at_1_of": label}
 
     return hook
 
@@ -83,12 +93,20 @@ def evaluate_state(
     mesh=None,
     tsne_points: int = 5000,
     progress: bool = True,
+    split: Mapping[str, Any] | None = None,
 ) -> dict:
     """Embed, score, draw and report a trained ``state``; returns the metrics dict.
 
     Every process takes part in embedding; process 0 alone computes the metrics and
     writes files (the others return an empty dict). The data is named in the report and
     in ``metrics["run"]["dataset"]`` by ``dataset.description`` where it has one.
+
+    For the class-disjoint protocol pass the held-out side of a
+    :class:`jaxmetric.splits.ClassSplit` as ``dataset`` and its ``describe()`` as
+    ``split`` (recorded as ``metrics["split"]``): every number is then measured on
+    classes never trained on. A ``dataset`` without training images (no gallery) gets
+    the leave-one-out protocol only, and its neighbours picture shows test images
+    retrieving other test images.
     """
     run_dir = pathlib.Path(run_dir)
     train_emb, test_emb = embed_splits(state, dataset, mesh=mesh, progress=progress)
@@ -96,9 +114,12 @@ def evaluate_state(
         return {}
     config = dict(config or {})
     note = getattr(dataset, "description", None)
+    gallery = train_emb is not None
     metrics = evaluate.evaluate_embeddings(
-        train_emb, dataset.train.labels, test_emb, dataset.test.labels, progress=progress
-    )
+        train_emb, dataset.train.labels if gallery else None, test_emb, dataset.test.labels,
+        progress=progress)
+    if split is not None:
+        metrics["split"] = dict(split)
     metrics["run"] = {
         "epoch": epoch,
         "step": int(state.step),
@@ -114,10 +135,11 @@ def evaluate_state(
     records = _read_records(run_dir / "metrics.jsonl")
     if records:
         visualize.plot_curves(records, run_dir / "curves.png")
+    refs = dataset.train if gallery else dataset.test
     visualize.plot_retrieval_examples(
         dataset.test.images, dataset.test.labels, test_emb,
-        dataset.train.images, dataset.train.labels, train_emb,
-        run_dir / "neighbours.png", class_names=names,
+        refs.images, refs.labels, train_emb if gallery else test_emb,
+        run_dir / "neighbours.png", class_names=names, exclude_self=not gallery,
     )
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n")
     write_report(run_dir, metrics, config=config, dataset_note=note,
@@ -127,5 +149,11 @@ def evaluate_state(
 
 def summary_line(metrics: Mapping[str, Any]) -> str:
     """One line of the headline numbers of :func:`evaluate_state`'s metrics."""
+    loo = metrics["test_vs_test"]
+    where = " on the held-out classes" if "split" in metrics else ""
+    if "test_vs_train" not in metrics:
+        return (f"precision@1 {loo['precision_at_1']:.4f}, recall@4 "
+                f"{loo.get('recall_at_4', float('nan')):.4f}, MAP@R {loo['map_at_r']:.4f} "
+                f"(test vs test, leave-one-out{where})")
     return (f"precision@1 {metrics['test_vs_train']['precision_at_1']:.4f} (test vs train), "
-            f"MAP@R {metrics['test_vs_test']['map_at_r']:.4f} (test vs test)")
+            f"MAP@R {loo['map_at_r']:.4f} (test vs test){where}")

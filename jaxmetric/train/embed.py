@@ -16,6 +16,7 @@ from jaxmetric import distributed
 from jaxmetric.augment import normalize
 from jaxmetric.train.mesh import AXIS, make_mesh
 from jaxmetric.train.state import InputSpec, TrainState
+from jaxmetric.train.step import eval_view
 
 __all__ = ["make_embed_fn"]
 
@@ -23,7 +24,7 @@ __all__ = ["make_embed_fn"]
 @functools.lru_cache(maxsize=8)
 def _sharded_embed(apply_fn, mesh: Mesh, inputs: InputSpec):
     def embed(variables, images):
-        x = normalize(images, inputs.mean, inputs.std)
+        x = normalize(eval_view(images, inputs), inputs.mean, inputs.std)
         return apply_fn(variables, x, train=False).astype(jnp.float32)
 
     # Replicated output: every process gets the whole batch of embeddings (an all-gather
@@ -42,7 +43,8 @@ def _mesh_of(tree) -> Mesh | None:
 def make_embed_fn(state: TrainState, *, mesh: Mesh | None = None) -> Callable[[Any], np.ndarray]:
     """``embed_fn(images uint8 (B, H, W, C)) -> float32 numpy (B, D)``, eval mode.
 
-    Images are normalised as in training (``state.inputs``). Runs on every device of
+    Images are cut (:func:`~jaxmetric.train.step.eval_view`: the centre crop for the
+    ``"resized"`` inputs) and normalised as in training (``state.inputs``). Runs on every device of
     ``mesh`` (default: the mesh ``state`` lives on, else :func:`make_mesh`); a batch is
     padded to a multiple of the device count by repeating its last image, and the
     padding is dropped. The compiled function is cached per model and mesh, so calling

@@ -61,7 +61,8 @@ def epoch_line(record: Mapping[str, Any], epochs: int) -> str:
             f"{record['active_fraction']:.3f}, {record['images_per_second']:,.0f} img/s, "
             f"{record['epoch_seconds']:.1f} s")
     if "precision_at_1" in record:
-        line += f" | precision@1 {record['precision_at_1']:.4f} (test vs train)"
+        line += (f" | precision@1 {record['precision_at_1']:.4f} "
+                 f"({record.get('precision_at_1_of', 'test vs train')})")
     return line
 
 
@@ -93,7 +94,8 @@ def _log_setup(config, dataset, state, mesh, steps) -> None:
              "batch %d, %d steps/epoch x %d epochs", config.model,
              f"{count_params(state.params):,}", config.dtype, mesh.size, "/".join(kinds),
              "s" if mesh.size > 1 else "", f"{len(train):,}",
-             f" / {len(test):,} test" if test is not None else "", config.batch_size,
+             f" / {len(test):,} test" if test is not None and len(test) else "",
+             config.batch_size,
              steps, config.epochs)
 
 

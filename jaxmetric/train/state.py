@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -31,8 +31,13 @@ from jaxmetric.config import TrainConfig
 from jaxmetric.models import create_model
 from jaxmetric.train.mesh import AXIS
 from jaxmetric.train.objective import init_loss_params, make_loss_optimizer, xbm_start_step
+from jaxmetric.utils import check_choice
+
+CROPS = ("pad", "resized")
+"""The ways :class:`InputSpec` cuts model inputs from stored images."""
 
 __all__ = [
+    "CROPS",
     "InputSpec",
     "TrainState",
     "create_train_state",
@@ -48,14 +53,21 @@ class InputSpec:
     """Shape and normalisation of a model's input images.
 
     Attributes:
-      shape: ``(H, W, C)`` of one image.
+      shape: ``(H, W, C)`` of one image as the model sees it.
       mean, std: per-channel statistics in [0, 1] units for
         :func:`jaxmetric.augment.normalize`.
+      crop: how an input is cut from a stored image (:data:`CROPS`): ``"pad"`` -- the
+        image is stored at ``shape``; training takes the pad-4 random crop + flip, the
+        evaluation the image as is (the CIFAR recipe). ``"resized"`` -- the image is
+        stored larger; training takes a random-resized crop of ``shape`` + flip, the
+        evaluation the centre crop (the ImageNet recipe, see
+        :func:`jaxmetric.augment.augment_resized`).
     """
 
     shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop: str = "pad"
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -69,22 +81,30 @@ class InputSpec:
                              f"got {self.mean} and {self.std}")
         if min(self.std) <= 0:
             raise ValueError(f"InputSpec.std must be > 0; got {self.std}")
+        check_choice("InputSpec.crop", self.crop, CROPS)
 
     @classmethod
     def of(cls, source) -> InputSpec:
         """The spec of a :class:`jaxmetric.data.Dataset` (its ``image_shape`` and
-        ``normalization``); an :class:`InputSpec` is returned as is."""
+        ``normalization``; with an ``input_size``, squares of that side cut by the
+        ``"resized"`` crops); an :class:`InputSpec` is returned as is."""
         if isinstance(source, InputSpec):
             return source
         mean, std = source.normalization
-        return cls(source.image_shape, mean, std)
+        size = getattr(source, "input_size", None)
+        if size is None:
+            return cls(source.image_shape, mean, std)
+        return cls((size, size, source.image_shape[-1]), mean, std, crop="resized")
 
-    def to_dict(self) -> dict[str, list]:
-        return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std)}
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std),
+                "crop": self.crop}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Sequence]) -> InputSpec:
-        return cls(d["shape"], d["mean"], d["std"])
+    def from_dict(cls, d: Mapping[str, Any]) -> InputSpec:
+        """Inverse of :meth:`to_dict`; a record without ``crop`` (an earlier version's)
+        is ``"pad"``."""
+        return cls(d["shape"], d["mean"], d["std"], d.get("crop", "pad"))
 
 
 class TrainState(train_state.TrainState):

@@ -15,8 +15,9 @@ were passed in per-device), and refuses to run under a mapping without that typi
 
 **Augmentation** keys are per example: ``fold_in(rng, position in the global batch)``,
 so each image gets its own crop/flip whatever the number of devices, and an N-device
-step equals the 1-device step on the concatenated batch, augmentation included. Images
-are normalised with the statistics the state carries (``state.inputs``).
+step equals the 1-device step on the concatenated batch, augmentation included. The
+crop (pad-4, or random-resized for images stored larger than the input) and the
+normalisation follow what the state carries (``state.inputs``).
 
 **shard_map, not pmap.** Since JAX 0.8 ``pmap`` is implemented on top of
 ``jax.shard_map``, which the JAX team recommends for new code: it works on a ``Mesh``
@@ -36,24 +37,40 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmetric import xbm
 from jaxmetric.augment import augment as augment_images
-from jaxmetric.augment import normalize
+from jaxmetric.augment import augment_resized, center_crop, normalize
 from jaxmetric.parallel import varying_axes
 from jaxmetric.train.mesh import AXIS
 from jaxmetric.train.state import TrainState
 
-__all__ = ["METRICS", "make_train_step", "train_step"]
+__all__ = ["METRICS", "eval_view", "make_train_step", "train_step"]
 
 METRICS = ("loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "grad_norm",
            "param_norm", "lr")
 """The float32 scalars every step returns (means over the global batch)."""
 
 
-def _augment_per_example(rng, images, offset, mean, std, dtype):
-    """Crop + flip with a key per example, ``fold_in(rng, offset + i)``."""
+def _augment_per_example(rng, images, offset, inputs, dtype):
+    """Crop + flip with a key per example, ``fold_in(rng, offset + i)``: the pad-4 crop,
+    or the random-resized crop to ``inputs.shape`` (``inputs.crop == "resized"``)."""
     positions = offset + jnp.arange(images.shape[0], dtype=jnp.int32)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, positions)
-    return jax.vmap(lambda k, im: augment_images(k, im[None], mean=mean, std=std,
-                                                 dtype=dtype)[0])(keys, images)
+    mean, std = inputs.mean, inputs.std
+    if inputs.crop == "resized":
+        one = lambda k, im: augment_resized(k, im[None], size=inputs.shape[0],  # noqa: E731
+                                            mean=mean, std=std, dtype=dtype)[0]
+    else:
+        one = lambda k, im: augment_images(k, im[None], mean=mean, std=std,  # noqa: E731
+                                           dtype=dtype)[0]
+    return jax.vmap(one)(keys, images)
+
+
+def eval_view(images: jax.Array, inputs) -> jax.Array:
+    """The uint8 model inputs of stored images at evaluation (and in training without
+    augmentation): the images as they are, or their centre crop for ``"resized"``
+    (:class:`~jaxmetric.train.state.InputSpec`)."""
+    if inputs.crop == "resized":
+        return center_crop(images, inputs.shape[0])
+    return images
 
 
 def _gather_invariant(x, axis_name):
@@ -116,11 +133,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
                 "check_vma=True and the batch sharded over that axis: without the varying/"
                 "invariant typing the gradient cannot be summed over devices correctly")
         offset = jax.lax.axis_index(axis_name) * images.shape[0]
-    mean, std = state.inputs.mean, state.inputs.std
     if augment:
-        x = _augment_per_example(rng, images, offset, mean, std, dtype)
+        x = _augment_per_example(rng, images, offset, state.inputs, dtype)
     else:
-        x = normalize(images, mean, std, dtype=dtype)
+        x = normalize(eval_view(images, state.inputs), state.inputs.mean, state.inputs.std,
+                      dtype=dtype)
 
     use_memory = None
     if state.memory is not None:

@@ -1,0 +1,177 @@
+"""What the experiments' command lines share: flags, logging, train -> evaluate -> report.
+
+* :func:`build_parser` -- one flag per :class:`~jaxmetric.config.TrainConfig` field
+  (:mod:`jaxmetric.flags`), ``--preset`` and the flags that are not part of the config,
+  plus the multi-process flags; an experiment adds its own data flags to the parser;
+* :func:`config_from_args` -- defaults, then the preset, then the flags typed;
+* :func:`main` -- parse, set up logging, run (log lines through tqdm);
+* :func:`train_and_report` -- the run itself: start the processes, load the data, train
+  with :func:`jaxmetric.train.fit` (the per-epoch P@1 on the evaluation data), evaluate
+  and write the report with :func:`jaxmetric.report.evaluate_state`.
+
+Both experiments evaluate what a loader returns: a whole :class:`~jaxmetric.data.Dataset`
+(trained on and evaluated on the same classes), or a
+:class:`~jaxmetric.splits.ClassSplit` (trained on its training classes, every metric --
+the per-epoch P@1 included -- measured on the held-out classes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from experiments.presets import PRESETS
+from jaxmetric import flags
+from jaxmetric.config import TrainConfig
+
+__all__ = ["build_parser", "config_from_args", "main", "out_given", "setup_logging",
+           "train_and_report"]
+
+
+def build_parser(prog: str, description: str, run_name: str) -> argparse.ArgumentParser:
+    """The shared command line (``run_name`` names the default run folder)."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from this recipe (experiments/presets.py); flags given "
+                        "here override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--tsne-points", type=int, default=5000)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show other libraries' INFO logs (orbax, faiss, ...)")
+    flags.add_config_arguments(p.add_argument_group(
+        "training configuration (jaxmetric.config.TrainConfig; without --out the run "
+        f"folder is runs/{run_name}-<loss>-<time>)"), required=("loss",))
+    dist = p.add_argument_group("several processes (see README, 'More than one machine')")
+    dist.add_argument("--coordinator", help="HOST:PORT of process 0 (env JAXMETRIC_COORDINATOR)")
+    dist.add_argument("--num-processes", type=int, help="env JAXMETRIC_NUM_PROCESSES")
+    dist.add_argument("--process-id", type=int, help="env JAXMETRIC_PROCESS_ID")
+    p.set_defaults(run_name=run_name)
+    return p
+
+
+def config_from_args(args, parser) -> TrainConfig:
+    """Defaults, then the preset, then the flags given; exits 2 (``parser.error``) on a
+    missing loss or an invalid combination."""
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    values |= flags.given_values(args)
+    if "loss" not in values:
+        parser.error("--loss is required (or a --preset that sets it)")
+    if values.get("out") is None:
+        values["out"] = time.strftime(f"runs/{args.run_name}-{values['loss']}-%Y%m%d-%H%M%S")
+    try:
+        return TrainConfig(**values)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+
+
+def out_given(args) -> bool:
+    """Whether the run folder was named (by --out or the preset), not made up."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    return getattr(args, "out", preset.get("out")) is not None
+
+
+def setup_logging(verbose: bool) -> None:
+    """jaxmetric's own lines at INFO; other libraries' INFO only with ``--verbose``."""
+    handler = logging.StreamHandler()  # main() routes it through tqdm.write
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in ("jaxmetric", "experiments"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not verbose:
+        try:  # orbax logs through absl, which has a verbosity of its own
+            from absl import logging as absl_logging
+
+            absl_logging.set_verbosity(absl_logging.WARNING)
+        except ImportError:
+            pass
+
+
+def main(parser: argparse.ArgumentParser, run: Callable[..., int], argv=None) -> int:
+    """Parse ``argv``, build the config, set up logging, then ``run(args, parser,
+    config)`` with log lines that do not tear the progress bars apart."""
+    args = parser.parse_args(argv)
+    if args.resume and not out_given(args):
+        parser.error("--resume needs --out: the run folder to continue")
+    config = config_from_args(args, parser)
+    setup_logging(args.verbose)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        return run(args, parser, config)
+
+
+def train_and_report(args, parser, config: TrainConfig, load: Callable[[], Any], *,
+                     hint: str | None = None, extra_config: dict | None = None) -> int:
+    """Train and evaluate what ``load()`` returns (a Dataset or a ClassSplit).
+
+    ``load`` raises :class:`jaxmetric.data.DataError` for missing or bad data (exit 1,
+    nothing written) and ``ValueError`` for a bad class choice (exit 2). ``hint`` is the
+    small CPU command suggested for long runs without an accelerator; ``extra_config``
+    is recorded next to the config in the report (e.g. the data flags).
+    """
+    from jaxmetric import distributed
+
+    try:
+        multiprocess = distributed.initialize(args.coordinator, args.num_processes,
+                                              args.process_id)
+    except ValueError as e:
+        parser.error(str(e))
+    if multiprocess and not out_given(args):
+        parser.error("--out is required with several processes: the same shared folder "
+                     "on every host (the default name holds each host's start time)")
+
+    import jax
+
+    from jaxmetric import data, report, splits, train
+
+    progress = not args.no_progress
+    try:
+        loaded = load()
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        parser.error(str(e))
+    if isinstance(loaded, splits.ClassSplit):
+        train_data, eval_data, split_info = loaded.train, loaded.eval, loaded.describe()
+        if len(train_data.train) < config.batch_size:
+            parser.error(f"the {len(train_data.class_names)} training classes have "
+                         f"{len(train_data.train)} training images, fewer than batch_size "
+                         f"{config.batch_size}: lower --batch-size")
+        what = ("held-out classes, test vs train" if loaded.has_gallery
+                else "held-out classes, leave-one-out")
+    else:
+        train_data = eval_data = loaded
+        split_info, what = None, None
+    mesh = train.make_mesh(jax.devices())  # every device of every process
+    try:
+        config.check_devices(mesh.size)
+    except ValueError as e:
+        parser.error(str(e))
+    hook = report.precision_at_1_hook(eval_data, mesh=mesh, what=what)
+    try:
+        state = train.fit(config, train_data, config.out, resume=args.resume, eval_hook=hook,
+                          mesh=mesh, progress=progress, slow_cpu_hint=hint)
+    except (FileExistsError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    metrics = report.evaluate_state(
+        state, eval_data, config.out, config=dataclasses.asdict(config) | (extra_config or {}),
+        epoch=config.epochs, mesh=mesh, tsne_points=args.tsne_points, progress=progress,
+        split=split_info,
+    )
+    if jax.process_index() == 0:
+        print(f"{config.out}: {report.summary_line(metrics)}")
+    # Keep every process alive until process 0 has written the report: one that exits
+    # early would wait in JAX's shutdown barrier and, past its timeout, stop them all.
+    distributed.barrier("report")
+    return 0
