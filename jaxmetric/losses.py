@@ -493,3 +493,18 @@ def triplet_loss(
         info.update(reductions.anchor_info(groups))
     exact = ("num_valid_triplets", "num_pos_pairs", "num_neg_pairs")
     return batch_lib.propagate_nonfinite(b, loss, info, exact)
+
+
+# ------------------------------------------------ the other families, re-exported here
+# (their modules do not import this one)
+
+from jaxmetric.softmax_losses import ntxent_loss, supcon_loss  # noqa: E402
+from jaxmetric.weighted_pair_losses import (  # noqa: E402
+    circle_loss,
+    lifted_structure_loss,
+    margin_loss,
+    multi_similarity_loss,
+)
+
+__all__ += ["ntxent_loss", "supcon_loss", "circle_loss", "lifted_structure_loss",
+            "margin_loss", "multi_similarity_loss"]
