@@ -294,17 +294,21 @@ def run_data_parallel(cases, grad_kwargs=()):
 
 def check_data_parallel(results, index):
     """Loss, info and per-shard gradients inside shard_map and pmap equal the
-    single-device ones; a replicated parameter's gradient summed over the devices
-    equals its single-device gradient."""
+    single-device ones. A replicated parameter's gradient: inside shard_map (varying
+    axes checked) JAX sums it over the devices itself, so every device holds the
+    single-device gradient; under pmap each holds its contribution, which sum to it
+    (what jaxmetric.train.step relies on)."""
     loss1, info1, grad1, gp1 = results[0][index]
-    for loss8, info8, grad8, gp8 in (r[index] for r in results[1:]):
+    for (loss8, info8, grad8, gp8), summed in zip((r[index] for r in results[1:]),
+                                                  (False, True), strict=True):
         scale = max(1.0, float(np.abs(grad1).max()))
         np.testing.assert_allclose(np.asarray(grad8).reshape(grad1.shape), grad1,
                                    atol=1e-6 * scale)
         for k in gp1:
             per_device = np.asarray(gp8[k]).reshape(8, *np.shape(gp1[k]))
-            np.testing.assert_allclose(per_device.sum(0), gp1[k], rtol=1e-5, atol=1e-6,
-                                       err_msg=k)
+            got = per_device.sum(0)[None] if summed else per_device
+            np.testing.assert_allclose(got, np.broadcast_to(gp1[k], got.shape), rtol=1e-5,
+                                       atol=1e-6, err_msg=k)
         pairs = [("loss", loss8, loss1)] + [(k, info8[k], info1[k]) for k in info1]
         for name, v8, v1 in pairs:
             v8, v1 = np.asarray(v8).reshape(-1), np.asarray(v1).reshape(-1)
