@@ -4,6 +4,16 @@
     python -m benchmarks.losses --sizes 1024 4096 --modes all semihard
     python -m benchmarks.losses --json benchmarks/results/losses-cpu.json
     python -m benchmarks.losses --pml-python /path/to/venv-with-pml/bin/python
+    python -m benchmarks.losses --losses supcon circle margin --sizes 1024 4096 \
+        --pml-python /path/to/venv-with-pml/bin/python    # the other losses
+
+``--losses`` picks the losses (default: the triplet loss, every mining mode, as in the
+README's table). The others (:data:`OTHER_LOSSES`) run their defaults, jaxmetric against
+PML's class set to the same loss where ``--pml-python`` is given: ``soft_triplet`` is
+``triplet_loss(margin="soft")`` over all triplets vs ``TripletMarginLoss(margin=0,
+smooth_loss=True)``; ``multi_similarity`` includes PML's ``MultiSimilarityMiner``;
+``lifted_structure`` and ``margin`` use the Euclidean distance of the unit rows
+(``margin`` with ``pairs="triplets"``, PML's ``MarginLoss``).
 
 Every configuration runs in a fresh subprocess so that its peak memory is its own:
 ``peak_rss_mib`` is the process's peak resident set during the warm-up and timed calls
@@ -32,6 +42,61 @@ DIM, CLASSES, MARGIN = 128, 10, 0.2
 IMPLS = ("jaxmetric", "lecture_mask_jax", "python_loops", "pml")
 # The references are only run where they fit this 24 GiB / 2-core machine in seconds.
 MAX_B = {"lecture_mask_jax": 512, "python_loops": 128, "pml": 1024}
+OTHER_LOSSES = ("soft_triplet", "supcon", "ntxent", "multi_similarity", "circle",
+                "lifted_structure", "margin")
+LOSSES = ("triplet",) + OTHER_LOSSES
+# PML's all-triplet losses build B×B×B tensors; the pair losses are O(B²) in PML too.
+MAX_B_PML = {"soft_triplet": 1024, "margin": 1024}
+
+
+def _jaxmetric_loss(loss: str, labels):
+    """``embeddings -> loss`` of jaxmetric's ``loss`` at its defaults."""
+    from jaxmetric import losses
+
+    fns = {
+        "soft_triplet": lambda e: losses.triplet_loss(e, labels, margin="soft"),
+        "supcon": lambda e: losses.supcon_loss(e, labels),
+        "ntxent": lambda e: losses.ntxent_loss(e, labels),
+        "multi_similarity": lambda e: losses.multi_similarity_loss(e, labels),
+        "circle": lambda e: losses.circle_loss(e, labels),
+        "lifted_structure": lambda e: losses.lifted_structure_loss(e, labels),
+        "margin": lambda e: losses.margin_loss(e, labels, 1.2, pairs="triplets"),
+    }
+    return lambda e: fns[loss](e)[0]
+
+
+def _pml_other_fn(loss: str, x, labels):
+    """PML's class set to jaxmetric's ``loss``; loss and backward on the CPU."""
+    import torch
+    from pytorch_metric_learning import distances, losses, miners
+
+    l2 = distances.LpDistance(normalize_embeddings=False)
+    miner = None
+    if loss == "soft_triplet":
+        fn = losses.TripletMarginLoss(margin=0.0, smooth_loss=True,
+                                      distance=distances.LpDistance(
+                                          normalize_embeddings=False, power=2))
+    elif loss == "supcon":
+        fn = losses.SupConLoss(temperature=0.1)
+    elif loss == "ntxent":
+        fn = losses.NTXentLoss(temperature=0.07)
+    elif loss == "multi_similarity":
+        fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner(0.1)
+    elif loss == "circle":
+        fn = losses.CircleLoss()
+    elif loss == "lifted_structure":
+        fn = losses.GeneralizedLiftedStructureLoss(distance=l2)
+    else:
+        fn = losses.MarginLoss(margin=0.2, beta=1.2, distance=l2)
+    y = torch.from_numpy(labels.astype("int64"))
+
+    def run():
+        e = torch.from_numpy(x.copy()).requires_grad_(True)
+        pairs = None if miner is None else miner(e, y)
+        fn(e, y, pairs).backward()
+        return e.grad
+
+    return run
 
 
 def _inputs(b):
@@ -114,12 +179,13 @@ def _pml_fn(x, labels):
     return run
 
 
-def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
+def run_one(impl: str, mode: str, b: int, repeats: int, loss_name: str = "triplet") -> dict:
     x, labels = _inputs(b)
     xla_temp = None
     base = None
     if impl == "pml":
-        fn = _pml_fn(x, labels)
+        fn = _pml_fn(x, labels) if loss_name == "triplet" else _pml_other_fn(loss_name, x,
+                                                                              labels)
         base = _reset_peak_rss_kib()
         fn()  # warm-up
     elif impl == "python_loops":
@@ -130,7 +196,9 @@ def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
 
         from jaxmetric import losses
 
-        if impl == "jaxmetric":
+        if impl == "jaxmetric" and loss_name != "triplet":
+            loss = _jaxmetric_loss(loss_name, labels)
+        elif impl == "jaxmetric":
             loss = lambda e: losses.triplet_loss(e, labels, margin=MARGIN, mining=mode)[0]  # noqa: E731
         else:
             loss = lambda e: _lecture_mask_loss(e, labels)  # noqa: E731
@@ -151,6 +219,7 @@ def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
     peak = _peak_rss_kib()
     return {
         "impl": impl,
+        "loss": loss_name,
         "mining": mode,
         "batch_size": b,
         "median_s": statistics.median(times),
@@ -159,23 +228,27 @@ def run_one(impl: str, mode: str, b: int, repeats: int) -> dict:
     }
 
 
-def _worker(impl, mode, b, repeats, timeout, python=sys.executable):
-    cmd = [python, "-m", "benchmarks.losses", "--worker", impl, mode, str(b), str(repeats)]
+def _worker(impl, mode, b, repeats, timeout, python=sys.executable, loss="triplet"):
+    cmd = [python, "-m", "benchmarks.losses", "--worker", impl, mode, str(b), str(repeats),
+           loss]
+    row = {"impl": impl, "loss": loss, "mining": mode, "batch_size": b}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
     except subprocess.TimeoutExpired:
-        return {"impl": impl, "mining": mode, "batch_size": b, "error": f"timeout {timeout}s"}
+        return row | {"error": f"timeout {timeout}s"}
     except subprocess.CalledProcessError as e:
-        return {"impl": impl, "mining": mode, "batch_size": b, "error": e.stderr.strip()[-300:]}
+        return row | {"error": e.stderr.strip()[-300:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _fmt(r):
+    loss = r.get("loss", "triplet")
     if "error" in r:
-        return f"| {r['impl']} | {r['mining']} | {r['batch_size']} | – | – | – | {r['error']} |"
+        return (f"| {r['impl']} | {loss} | {r['mining']} | {r['batch_size']} | – | – | – | "
+                f"{r['error']} |")
     xla = "–" if r["xla_temp_mib"] is None else f"{r['xla_temp_mib']:.0f}"
     return (
-        f"| {r['impl']} | {r['mining']} | {r['batch_size']} | {r['median_s']:.3f} | "
+        f"| {r['impl']} | {loss} | {r['mining']} | {r['batch_size']} | {r['median_s']:.3f} | "
         f"{r['peak_rss_mib']:.0f} | {xla} | |"
     )
 
@@ -184,7 +257,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:  # runs in the measured interpreter (PML's has no JAX)
         impl, mode, b, repeats = argv[1:5]
-        print(json.dumps(run_one(impl, mode, int(b), int(repeats))))
+        loss = argv[5] if len(argv) > 5 else "triplet"
+        print(json.dumps(run_one(impl, mode, int(b), int(repeats), loss)))
         return
 
     from jaxmetric.losses import MINING_MODES
@@ -196,6 +270,9 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--large-modes", nargs="+", default=["all"], choices=MINING_MODES,
                    help="modes also run at B > 4096 (slow on a CPU)")
+    p.add_argument("--losses", nargs="+", default=["triplet"], choices=LOSSES,
+                   help="losses to time (default: the triplet loss, every --modes); the "
+                   "others run at their defaults, beside PML's where --pml-python is given")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--json", help="also write the rows to this JSON file")
@@ -207,22 +284,33 @@ def main(argv=None):
 
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"# triplet loss + grad, D={DIM}, {CLASSES} classes, margin {MARGIN}, mean ({machine})")
-    print("| impl | mining | B | median s | peak RSS MiB | XLA temp MiB | note |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"# loss + grad, D={DIM}, {CLASSES} classes, triplet margin {MARGIN}, mean "
+          f"({machine})")
+    print("| impl | loss | mining | B | median s | peak RSS MiB | XLA temp MiB | note |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for b in args.sizes:
-        for impl in args.impls:
-            if b > MAX_B.get(impl, b) or (impl == "pml" and not args.pml_python):
-                continue
-            modes = args.modes if impl == "jaxmetric" else ["all"]
-            for mode in modes:
-                if b > 4096 and mode not in args.large_modes:
+        for loss in args.losses:
+            for impl in args.impls:
+                if loss == "triplet":
+                    if b > MAX_B.get(impl, b):
+                        continue
+                    modes = args.modes if impl == "jaxmetric" else ["all"]
+                elif impl in ("jaxmetric", "pml"):
+                    if impl == "pml" and b > MAX_B_PML.get(loss, b):
+                        continue
+                    modes = ["all" if loss == "soft_triplet" else "-"]
+                else:
                     continue
-                python = args.pml_python if impl == "pml" else sys.executable
-                r = _worker(impl, mode, b, args.repeats, args.timeout, python)
-                rows.append(r)
-                print(_fmt(r), flush=True)
+                if impl == "pml" and not args.pml_python:
+                    continue
+                for mode in modes:
+                    if loss == "triplet" and b > 4096 and mode not in args.large_modes:
+                        continue
+                    python = args.pml_python if impl == "pml" else sys.executable
+                    r = _worker(impl, mode, b, args.repeats, args.timeout, python, loss)
+                    rows.append(r)
+                    print(_fmt(r), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "rows": rows}, f, indent=1)
