@@ -6,6 +6,12 @@ anchor) and a dict of float32 values to watch while training (pair / triplet cou
 the active fraction, mean distances). Both are pure and work under ``jit``, ``vmap``
 and ``grad``.
 
+The other losses, with the same interface, live in one module per family and are
+re-exported here: :func:`supcon_loss` and :func:`ntxent_loss`
+(:mod:`jaxmetric.softmax_losses`); :func:`multi_similarity_loss`, :func:`circle_loss`,
+:func:`lifted_structure_loss` and :func:`margin_loss`
+(:mod:`jaxmetric.weighted_pair_losses`).
+
 **Distance.** ``distance`` is a name in :data:`jaxmetric.distances.DISTANCES` —
 ``"squared_l2"`` (the triplet loss's default, as in FaceNet and the lecture), ``"l2"``
 (the contrastive loss's default, as in Hadsell et al.) or ``"cosine"`` (``1 - cos``,

@@ -542,7 +542,7 @@ def margin_loss(
     check_number("margin", margin, minimum=0.0)
     check_number("nu", nu, minimum=0.0)
     distances.resolve(distance)
-    beta = jnp.asarray(beta)
+    beta = jnp.asarray(float(beta) if isinstance(beta, int) else beta)  # 1 means 1.0
     if beta.ndim > 1 or not jnp.issubdtype(beta.dtype, jnp.floating):
         raise ValueError("beta must be a float scalar or a (C,) float array (one per class); "
                          f"got shape {beta.shape}, dtype {beta.dtype}")

@@ -209,6 +209,7 @@ def test_bad_input_messages():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+    assert losses.margin_loss(x, y, 1)[0] == losses.margin_loss(x, y, 1.0)[0]
 
 
 # -------------------------------------------------- pytorch-metric-learning agreement
