@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmetric import distances
-from jaxmetric.reductions import total
+from jaxmetric.reductions import safe_mean, total
 
 __all__ = [
     "Batch",
@@ -47,6 +47,7 @@ __all__ = [
     "distance_matrix",
     "gather",
     "nan_if_nonfinite",
+    "pair_distance_info",
     "pair_masks",
     "propagate_nonfinite",
 ]
@@ -187,6 +188,20 @@ def pair_masks(b: Batch) -> tuple[jax.Array, jax.Array]:
     columns = jnp.arange(b.labels.shape[0], dtype=jnp.int32)
     not_self = b.anchor_index[:, None] != columns[None, :]
     return same & not_self & both, ~same & both
+
+
+def pair_distance_info(d, pos, neg, axis_name) -> dict[str, jax.Array]:
+    """The numbers of positive and negative pairs of the global batch and the mean of
+    the (R, C) distances ``d`` over each: ``num_pos_pairs``, ``num_neg_pairs``,
+    ``mean_pos_distance``, ``mean_neg_distance`` (float32 scalars; a mean over no pair
+    is 0)."""
+    num_pos, num_neg = total(pos, axis_name), total(neg, axis_name)
+    return {
+        "num_pos_pairs": num_pos,
+        "num_neg_pairs": num_neg,
+        "mean_pos_distance": safe_mean(total(jnp.where(pos, d, 0.0), axis_name), num_pos),
+        "mean_neg_distance": safe_mean(total(jnp.where(neg, d, 0.0), axis_name), num_neg),
+    }
 
 
 def propagate_nonfinite(b: Batch, loss, info, exact_keys=()):

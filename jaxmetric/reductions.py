@@ -40,6 +40,7 @@ __all__ = [
     "Terms",
     "anchor_info",
     "count",
+    "masked_logsumexp",
     "over_devices",
     "reduce",
     "row_terms",
@@ -130,3 +131,23 @@ def anchor_info(groups: Sequence[Terms]) -> dict[str, jax.Array]:
         "anchor_num_selected": sum(g.selected for g in groups),
         "anchor_num_active": sum(g.active for g in groups),
     }
+
+
+def masked_logsumexp(x, mask, axis: int = -1, *, fill=0.0) -> jax.Array:
+    r""":math:`\log \sum_{j:\,\mathrm{mask}_j} e^{x_j}` along ``axis`` (float32), and
+    ``fill`` where the mask selects nothing.
+
+    Safe to differentiate: entries outside the mask get a zero gradient whatever finite
+    value they hold (no ``0 * inf`` from an overflowing ``exp``), and an empty set gives
+    ``fill`` with zero, finite gradients (no ``log 0``). The maximum is subtracted first
+    (without gradient), so large logits (a low temperature, a large scale) do not
+    overflow.
+    """
+    x = jnp.asarray(x).astype(jnp.float32)
+    mask = jnp.asarray(mask, bool)
+    has = jnp.any(mask, axis=axis, keepdims=True)
+    masked = jnp.where(mask, x, -jnp.inf)
+    top = jax.lax.stop_gradient(jnp.where(has, jnp.max(masked, axis=axis, keepdims=True), 0.0))
+    s = jnp.sum(jnp.exp(masked - top), axis=axis, keepdims=True)
+    out = jnp.where(has, top + jnp.log(jnp.where(has, s, 1.0)), jnp.float32(fill))
+    return jnp.squeeze(out, axis)

@@ -150,7 +150,15 @@ MINING = {
 
 def triplet(x, labels, *, margin=0.2, mining="all", distance=None, squared=None,
             reduction="mean", valid=None):
-    """``squared`` (True / False) is the losses' deprecated spelling of the distance."""
+    """``squared`` (True / False) is the losses' deprecated spelling of the distance.
+
+    ``margin="soft"``: each selected triplet costs ``log(1 + exp(d_ap - d_an))``
+    (Hermans et al. 2017) instead of the hinge; the modes that select by the margin
+    ("semihard", "easy") are not defined then.
+    """
+    soft = margin == "soft"
+    if soft and mining in ("semihard", "easy"):
+        raise ValueError(f"no soft-margin {mining!r} mining")
     if distance is None:
         distance = "l2" if squared is False else "squared_l2"
     d = distance_matrix(x, distance)
@@ -163,5 +171,8 @@ def triplet(x, labels, *, margin=0.2, mining="all", distance=None, squared=None,
         positives = [p for p in range(b) if p != a and ok[p] and labels[p] == labels[a]]
         negatives = [n for n in range(b) if ok[n] and labels[n] != labels[a]]
         for p, n in MINING[mining](d, a, positives, negatives, margin):
-            terms[a].append(max(d[a, p] - d[a, n] + margin, 0.0))
+            if soft:
+                terms[a].append(float(np.logaddexp(0.0, d[a, p] - d[a, n])))
+            else:
+                terms[a].append(max(d[a, p] - d[a, n] + margin, 0.0))
     return _reduce([terms], reduction)

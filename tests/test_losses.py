@@ -52,6 +52,9 @@ CONFIGS = [
 ] + [
     (losses.triplet_loss, dict(distance=dist, mining=mode, margin=0.3))
     for mode in losses.MINING_MODES for dist in DISTANCES
+] + [
+    (losses.triplet_loss, dict(distance=dist, mining=mode, margin="soft"))
+    for mode in losses.SOFT_MINING_MODES for dist in DISTANCES
 ]
 B = 10
 
@@ -250,6 +253,8 @@ def test_finite_gradients_with_coincident_embeddings(fill):
                for d in DISTANCES for p in (1, 2)]
     configs += [(losses.triplet_loss, dict(distance=d, mining=m))
                 for d in DISTANCES for m in losses.MINING_MODES]
+    configs += [(losses.triplet_loss, dict(distance=d, mining=m, margin="soft"))
+                for d in DISTANCES for m in losses.SOFT_MINING_MODES]
 
     @jax.jit
     def grads(x):
@@ -339,6 +344,33 @@ def test_triplet_grad_matches_finite_differences(mining):
     np.testing.assert_allclose(np.asarray(g), _numeric_grad(f64, x), atol=2e-3)
 
 
+@pytest.mark.parametrize("mining", losses.SOFT_MINING_MODES)
+def test_soft_margin_grad_matches_finite_differences(mining):
+    """Soft-margin triplets (Hermans et al.): the gradient through the chunked,
+    rematerialised per-anchor tables ("all", "hard") and the one-negative picks."""
+    rng = np.random.default_rng(15)
+    x = rng.normal(size=(8, 3)).astype(np.float64)
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    f64 = lambda e: oracles.triplet(e, labels, margin="soft", mining=mining)[0]  # noqa: E731
+    g = jax.jit(jax.grad(
+        lambda e: losses.triplet_loss(e, labels, margin="soft", mining=mining)[0]))(
+        x.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(g), _numeric_grad(f64, x), atol=2e-3)
+
+
+def test_soft_margin_all_memory_is_quadratic():
+    """B = 4096, soft-margin "all" (loss + gradient): XLA's temporary buffers are a few
+    (B, B) tables, not the 256 GiB of a (B, B, B) one. Compiled, not run."""
+    b = 4096
+    x = jax.ShapeDtypeStruct((b, 16), jnp.float32)
+    labels = jax.ShapeDtypeStruct((b,), jnp.int32)
+    fn = jax.value_and_grad(lambda e, y: losses.triplet_loss(e, y, margin="soft")[0])
+    analysis = jax.jit(fn).lower(x, labels).compile().memory_analysis()
+    if analysis is None:
+        pytest.skip("no memory analysis on this backend")
+    assert analysis.temp_size_in_bytes < 40 * b * b * 4, analysis.temp_size_in_bytes
+
+
 def test_contrastive_grad_matches_finite_differences():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(7, 3)).astype(np.float64) * 0.4
@@ -385,6 +417,11 @@ def test_bfloat16_inputs():
         loss, info = losses.triplet_loss(xb, labels, mining=mining)
         assert loss.dtype == jnp.float32 and info["mean_pos_distance"].dtype == jnp.float32
         ref, _, _ = oracles.triplet(x_rounded, labels, mining=mining)
+        np.testing.assert_allclose(float(loss), ref, rtol=1e-3, atol=1e-4)
+    for mining in ("all", "batch_hard"):
+        loss, _ = losses.triplet_loss(xb, labels, mining=mining, margin="soft")
+        assert loss.dtype == jnp.float32
+        ref, _, _ = oracles.triplet(x_rounded, labels, mining=mining, margin="soft")
         np.testing.assert_allclose(float(loss), ref, rtol=1e-3, atol=1e-4)
     loss, _ = losses.contrastive_loss(xb, labels)
     assert loss.dtype == jnp.float32
@@ -445,6 +482,8 @@ DP_CONFIGS = [
     (losses.triplet_loss, dict(mining="hardest_negative", distance="l2", reduction="none")),
     (losses.contrastive_loss, dict(reduction="mean_nonzero")),
     (losses.contrastive_loss, dict(distance="cosine", reduction="none")),
+    (losses.triplet_loss, dict(mining="all", margin="soft", distance="l2")),
+    (losses.triplet_loss, dict(mining="batch_hard", margin="soft", reduction="none")),
 ]
 
 
@@ -513,6 +552,9 @@ def test_bad_input_messages():
         (lambda: losses.contrastive_loss(x, y, reduction="avg"), ValueError, "unknown reduction"),
         (lambda: losses.triplet_loss(x[:1], y[:1]), ValueError, "at least 2"),
         (lambda: losses.triplet_loss(x, y, margin=-0.1), ValueError, "margin must be >= 0"),
+        (lambda: losses.triplet_loss(x, y, margin="hard"), ValueError, "or 'soft'"),
+        (lambda: losses.triplet_loss(x, y, margin="soft", mining="semihard"), ValueError,
+         "margin='soft' supports mining all, hard"),
         (lambda: losses.contrastive_loss(x, y, power=0), ValueError, "power must be > 0"),
         (lambda: losses.triplet_loss(x.astype(jnp.int32), y), TypeError, "floating point"),
         (lambda: losses.triplet_loss(x, y, valid=jnp.ones(4)), TypeError, "boolean"),
