@@ -71,7 +71,8 @@ def _augment_per_example(rng, images, offset, mean, std, dtype):
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                loss_fn: Callable, axis_name: str | None = None, augment: bool = True,
-               dtype=jnp.float32) -> tuple[TrainState, dict[str, jax.Array]]:
+               dtype=jnp.float32, freeze_bn: bool = False,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; pure.
 
     Args:
@@ -86,6 +87,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         (see the module docstring for why that typing is required); None on one device.
       augment: random crop + flip; False = normalise only.
       dtype: dtype of the model input.
+      freeze_bn: BatchNorm in eval mode: it normalises with ``state.batch_stats``,
+        which stay as they are (the usual way to fine-tune a pretrained trunk on small
+        batches).
 
     Returns:
       ``(new_state, metrics)``, metrics float32 scalars :data:`METRICS`, equal on
@@ -115,10 +119,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         x = normalize(images, mean, std, dtype=dtype)
 
     def loss_and_aux(params):
-        emb, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                      x, train=True, mutable=["batch_stats"])
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if freeze_bn:
+            emb, batch_stats = state.apply_fn(variables, x, train=False), state.batch_stats
+        else:
+            emb, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
         loss, info = loss_fn(emb, labels, axis_name=axis_name)
-        return loss, (info, updates["batch_stats"])
+        return loss, (info, batch_stats)
 
     (loss, (info, batch_stats)), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
         state.params)
@@ -144,7 +152,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     return state, metrics
 
 
-def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtype=jnp.float32):
+def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtype=jnp.float32,
+                    freeze_bn: bool = False):
     """Jitted, data-parallel ``step(state, images, labels, indices, key)``.
 
     ``images`` (N, H, W, C) uint8 and ``labels`` (N,) are the whole training set,
@@ -152,14 +161,15 @@ def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtyp
     is the run's training key, folded with ``state.step`` for this step. ``state`` is
     donated. Returns ``(state, metrics)``, both replicated. The training set is put on
     every device once; per step the host only sends the int32 indices of the batch, and
-    each device gathers its shard of images and labels itself.
+    each device gathers its shard of images and labels itself. ``freeze_bn``: see
+    :func:`train_step`.
     """
 
     def step(state, images, labels, indices, key):
         batch = {"images": images[indices], "labels": labels[indices]}
         rng = jax.random.fold_in(key, state.step)
         return train_step(state, batch, rng, loss_fn=loss_fn, axis_name=AXIS,
-                          augment=augment, dtype=dtype)
+                          augment=augment, dtype=dtype, freeze_bn=freeze_bn)
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P()),
                             out_specs=(P(), P()), check_vma=True)
