@@ -90,7 +90,13 @@ class LoadReport:
     fresh: tuple[str, ...]
 
     def summary(self) -> str:
-        return (f"{len(self.loaded)} arrays loaded; ignored: {_short(self.ignored)}; "
+        """One line, e.g. ``"265 arrays loaded; ignored: fc.bias, fc.weight, 53
+        num_batches_tracked; kept as initialised: params/head/Dense_0/bias, ..."``."""
+        counters = [k for k in self.ignored if k.endswith(".num_batches_tracked")]
+        ignored = [k for k in self.ignored if k not in counters]
+        if counters:
+            ignored.append(f"{len(counters)} num_batches_tracked")
+        return (f"{len(self.loaded)} arrays loaded; ignored: {', '.join(ignored) or 'none'}; "
                 f"kept as initialised: {_short(self.fresh)}")
 
 

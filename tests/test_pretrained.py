@@ -193,7 +193,10 @@ def test_state_dict_of_arrays_and_the_read_file_agree(tmp_path):
     # A mapping of tensors loads as the file does.
     model, init = flax_model("resnet18")
     a, _ = load_torchvision_resnet(state, model, init)
-    b, _ = load_torchvision_resnet(tmp_path / "w.safetensors", model, init)
+    b, report = load_torchvision_resnet(tmp_path / "w.safetensors", model, init)
+    assert report.summary() == (
+        f"{len(state) - 22} arrays loaded; ignored: fc.bias, fc.weight, 20 num_batches_tracked;"
+        " kept as initialised: params/head/Dense_0/bias, params/head/Dense_0/kernel")
     jax.tree.map(np.testing.assert_array_equal, a, b)
     conv1 = a["params"]["conv_init"]["kernel"]
     np.testing.assert_array_equal(conv1, state["conv1.weight"].numpy().transpose(2, 3, 1, 0))
