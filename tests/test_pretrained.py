@@ -9,7 +9,6 @@ downloaded (``weights=None``).
 """
 
 import contextlib
-import dataclasses
 import functools
 import sys
 
@@ -98,16 +97,21 @@ def random_torchvision(name: str, seed: int = 0):
     return model.eval()
 
 
-def flax_model(name: str, stem: str = "imagenet"):
-    model = create_model(name, embed_dim=EMBED_DIM, stem=stem)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.key(0), jnp.zeros((1, *IMAGE)))
-    return model, variables
-
-
 def abstract_variables(model):
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jnp.zeros((1, *IMAGE)))
+
+
+def flax_model(name: str):
+    """The ImageNet-stem model and variables of its shapes filled with random values
+    (the trunk's are replaced by the file's; compiling ``model.init`` would take longer
+    than the rest of a test)."""
+    model = create_model(name, embed_dim=EMBED_DIM, stem="imagenet")
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
+        abstract_variables(model))
+    return model, variables
 
 
 def save(state_dict, path):
@@ -156,8 +160,7 @@ def assert_close_relative(actual, expected, rtol=1e-4):
 # --------------------------------------------------------------- conversion, exactly
 
 
-@pytest.mark.parametrize("name,suffix", [("resnet18", ".pth"), ("resnet18", ".safetensors"),
-                                         ("resnet50", ".pth")])
+@pytest.mark.parametrize("name,suffix", [("resnet18", ".safetensors"), ("resnet50", ".pth")])
 def test_forward_equals_torchvision(tmp_path, name, suffix):
     tv = random_torchvision(name)
     path = save(tv.state_dict(), tmp_path / f"{name}{suffix}")
@@ -377,17 +380,12 @@ def test_state_from_pretrained_holds_the_files_weights(tmp_path):
                          pretrained=str(path), freeze_bn=True, trunk_lr_multiplier=0.1)
     model = create_model("resnet18", embed_dim=EMBED_DIM, stem="imagenet")
     state = train.create_train_state(jax.random.key(0), model, config, 4, INPUTS)
-    plain = train.create_train_state(jax.random.key(0), model,
-                                     dataclasses.replace(config, pretrained=None), 4, INPUTS)
     sd = tv.state_dict()
     np.testing.assert_array_equal(state.params["ResNetBlock_7"]["Conv_1"]["kernel"],
                                   sd["layer4.1.conv2.weight"].numpy().transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(state.params["bn_init"]["bias"], sd["bn1.bias"].numpy())
     np.testing.assert_array_equal(state.batch_stats["ResNetBlock_4"]["BatchNorm_0"]["mean"],
                                   sd["layer3.0.bn1.running_mean"].numpy())
-    jax.tree.map(np.testing.assert_array_equal, state.params["head"], plain.params["head"])
-    assert not np.allclose(state.params["conv_init"]["kernel"],
-                           plain.params["conv_init"]["kernel"])
 
 
 def test_config_checks_the_finetuning_fields():
