@@ -201,6 +201,17 @@ class TrainConfig:
     out: str | None = _field(None, "run folder (config.json, metrics.jsonl, checkpoints/); "
                              "None: the caller names one (fit's out_dir)", metavar="PATH")
 
+    # Fine-tuning from ImageNet weights (jaxmetric.pretrained).
+    pretrained: str | None = _field(
+        None, "torchvision ResNet weights (.pth or .safetensors state dict, downloaded by "
+        "you) to start the trunk from; needs a resnet model with --stem imagenet; the "
+        "embedding head starts fresh", metavar="PATH")
+    freeze_bn: bool = _field(False, "BatchNorm normalises with its running statistics "
+                             "while training and never updates them (eval-mode BN)")
+    trunk_lr_multiplier: float = _field(
+        1.0, "the trunk learns at lr times this (its weight decay scaled alike); the head "
+        "(the final Dense) at lr")
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -251,6 +262,20 @@ class TrainConfig:
                 f"max_train {self.max_train} is smaller than batch_size {self.batch_size}: "
                 "an epoch would have no full batch"
             )
+        self._check_finetuning()
+
+    def _check_finetuning(self) -> None:
+        if self.pretrained is not None:
+            if not isinstance(self.pretrained, str) or not self.pretrained:
+                raise TypeError(f"pretrained must be a file path; got {self.pretrained!r}")
+            if not self.model.startswith("resnet") or self.stem != "imagenet":
+                raise ValueError(
+                    f"pretrained weights are torchvision ResNets with the ImageNet stem: use "
+                    f"a resnet model with stem='imagenet' (got model={self.model!r}, "
+                    f"stem={self.stem!r})")
+        if not isinstance(self.freeze_bn, bool):
+            raise TypeError(f"freeze_bn must be a bool; got {self.freeze_bn!r}")
+        _number("trunk_lr_multiplier", self.trunk_lr_multiplier, minimum=0.0)
 
     def _check_loss(self) -> None:
         """The loss settings: each applies to the losses that have it."""

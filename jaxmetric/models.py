@@ -6,7 +6,9 @@ float32, L2-normalised embeddings ``(B, embed_dim)``:
 * ``resnet18`` / ``resnet34`` (BasicBlock) and ``resnet50`` (Bottleneck, stride on the
   3x3 conv as in torchvision / ResNet v1.5), widths 64-128-256-512, with a ``"cifar"``
   stem (3x3 conv, stride 1, no max-pool) or an ``"imagenet"`` stem (7x7 conv, stride 2,
-  3x3 max-pool);
+  3x3 max-pool). The ImageNet-stem ResNets are torchvision's networks layer for layer,
+  padding included (:func:`symmetric_padding`), so torchvision's ImageNet weights load
+  into them exactly (:mod:`jaxmetric.pretrained`);
 * ``homebrew``: a small conv-BN-ReLU network for CPU runs and tests.
 
 All trunks end in global average pooling, a ``Dense(embed_dim)`` head and an
@@ -141,6 +143,24 @@ class BottleneckResNetBlock(nn.Module):
         return self.act(residual + y)
 
 
+def symmetric_padding(conv: ModuleDef) -> ModuleDef:
+    """``conv`` with PyTorch's padding: ``k // 2`` zeros on *both* sides of each spatial
+    axis of a ``k x k`` kernel (torchvision's ResNet convs: 7x7 pad 3, 3x3 pad 1, 1x1 pad 0).
+
+    For stride 1 this is the same as ``"SAME"``. For stride 2 on an even input size
+    ``"SAME"`` pads ``(0, 1)`` instead of ``(1, 1)``: the output has the same shape but
+    every window sits one pixel to the right/below, so a torchvision checkpoint would
+    compute something else. The ImageNet stem, whose weights can come from torchvision
+    (:mod:`jaxmetric.pretrained`), pads this way; the CIFAR stem keeps ``"SAME"``.
+    """
+
+    def make(features, kernel_size, strides=(1, 1), **kwargs):
+        padding = [(k // 2, k // 2) for k in kernel_size]
+        return conv(features, kernel_size, strides, padding=padding, **kwargs)
+
+    return make
+
+
 def _last_scale_init(zero: bool):
     return nn.initializers.zeros_init() if zero else nn.initializers.ones_init()
 
@@ -177,14 +197,15 @@ class ResNet(nn.Module):
         _check_stem(self.stem)
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                        kernel_init=kernel_init(self.weight_init))
+        if self.stem == "imagenet":
+            conv = symmetric_padding(conv)
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name)
 
         if self.stem == "cifar":
             x = conv(self.num_filters, (3, 3), name="conv_init")(x)
         else:
-            x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
-                     name="conv_init")(x)
+            x = conv(self.num_filters, (7, 7), (2, 2), name="conv_init")(x)
         x = norm(name="bn_init")(x)
         x = self.act(x)
         if self.stem == "imagenet":

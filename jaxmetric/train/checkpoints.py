@@ -19,6 +19,7 @@ the metadata and finalise the directory): the folder must be on a shared file sy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -140,8 +141,10 @@ def restore_state(run_dir, *, epoch: int | None = None, mesh: Mesh | None = None
                 f"checkpoint {epoch} of {run_dir} does not record its input images' shape "
                 "and normalisation (an earlier version wrote it): pass inputs= (the data "
                 "set it was trained on, or an InputSpec)")
-        # The schedule only needs a step count; the restored optimizer state has the rest.
-        state, train_key = initial_state(config, 1, mesh, inputs,
+        # The schedule only needs a step count; the restored optimizer state has the rest
+        # (and the trained weights: the pretrained file is not read again).
+        template = dataclasses.replace(config, pretrained=None)
+        state, train_key = initial_state(template, 1, mesh, inputs,
                                          num_classes=meta.get("num_classes"))
         state, _ = restore_checkpoint(manager, epoch, state, train_key)
     finally:

@@ -10,6 +10,7 @@ rules: :mod:`jaxmetric.train.rundir`). Cross-process agreement goes through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import time
@@ -173,7 +174,9 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     prepare_run_dir(out_dir, config, resume)
 
     dtype = jnp.dtype(config.dtype)
-    state, train_key = initial_state(config, steps, mesh, InputSpec.of(dataset),
+    # A resumed run takes its weights from the checkpoint, not the pretrained file.
+    fresh = dataclasses.replace(config, pretrained=None) if resume else config
+    state, train_key = initial_state(fresh, steps, mesh, InputSpec.of(dataset),
                                      num_classes=len(dataset.class_names))
     replicated = NamedSharding(mesh, P())
     if primary:
@@ -197,7 +200,8 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
             log.info("resumed %s at epoch %d (step %d)", out_dir, start_epoch, int(state.step))
 
         step_fn = make_train_step(make_loss_fn(config), mesh, augment=config.augment,
-                                  dtype=dtype, xbm_weight=config.xbm_weight)
+                                  dtype=dtype, xbm_weight=config.xbm_weight,
+                                  freeze_bn=config.freeze_bn)
         # Every process holds the whole training set and puts it on its own devices.
         images = distributed.put(train.images, replicated)
         labels = distributed.put(train.labels, replicated)

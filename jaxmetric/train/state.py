@@ -5,7 +5,8 @@
   read off the data set (:meth:`InputSpec.of`), travels with the state (so the step and
   the embedding function normalise alike) and is recorded in every checkpoint;
 * :func:`make_optimizer` -- SGD-Nesterov with coupled L2 decay, or AdamW with decoupled
-  decay; neither decays BatchNorm parameters or biases (:func:`decay_mask`);
+  decay; neither decays BatchNorm parameters or biases (:func:`decay_mask`); the trunk
+  may learn more slowly than the head (``trunk_lr_multiplier``, :func:`trunk_mask`);
 * :func:`make_schedule` -- linear warm-up, then cosine decay to 0;
 * :func:`create_train_state` / :func:`initial_state` -- a fresh state (the latter
   deterministic in the seed, identical on every process and replicated over a mesh).
@@ -22,6 +23,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -29,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from jaxmetric import distributed, xbm
 from jaxmetric.config import TrainConfig
 from jaxmetric.models import create_model
+from jaxmetric.pretrained import load_torchvision_resnet
 from jaxmetric.train.mesh import AXIS
 from jaxmetric.train.objective import init_loss_params, make_loss_optimizer, xbm_start_step
 from jaxmetric.utils import check_choice
@@ -45,6 +48,7 @@ __all__ = [
     "initial_state",
     "make_optimizer",
     "make_schedule",
+    "trunk_mask",
 ]
 
 
@@ -148,13 +152,30 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def trunk_mask(params):
+    """True for every parameter but the embedding head's (the top-level ``"head"``)."""
+    return traverse_util.path_aware_map(lambda path, _: path[0] != "head", params)
+
+
 def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD-Nesterov with coupled (L2) decay, or AdamW with decoupled decay."""
+    """SGD-Nesterov with coupled (L2) decay, or AdamW with decoupled decay.
+
+    With ``config.trunk_lr_multiplier = m != 1`` the trunk's updates are scaled by ``m``
+    (:func:`trunk_mask`): the trunk learns at ``m * lr``, the head at ``lr``, and the
+    weight decay step of each follows its learning rate, exactly as PyTorch parameter
+    groups with ``lr = m * lr`` would (SGD: ``m * lr * (g + wd * p)`` through the momentum
+    buffer; AdamW: ``m * lr * (adam + wd * p)``).
+    """
     if config.optimizer == "sgd":
-        return optax.chain(
+        tx = optax.chain(
             optax.add_decayed_weights(config.decay, mask=decay_mask),
             optax.sgd(schedule, momentum=config.momentum, nesterov=True))
-    return optax.adamw(schedule, b1=config.momentum, weight_decay=config.decay, mask=decay_mask)
+    else:
+        tx = optax.adamw(schedule, b1=config.momentum, weight_decay=config.decay,
+                         mask=decay_mask)
+    if config.trunk_lr_multiplier != 1.0:
+        tx = optax.chain(tx, optax.masked(optax.scale(config.trunk_lr_multiplier), trunk_mask))
+    return tx
 
 
 def create_train_state(rng: jax.Array, model, config: TrainConfig, steps_per_epoch: int,
@@ -162,16 +183,20 @@ def create_train_state(rng: jax.Array, model, config: TrainConfig, steps_per_epo
     """Initialise ``model`` on one image of ``inputs`` (an :class:`InputSpec` or a data
     set, see :meth:`InputSpec.of`) and attach the optimizer; the loss's parameters (for
     ``num_classes`` classes, where the loss learns some) and the cross-batch memory
-    when ``config`` asks for them."""
+    when ``config`` asks for them. With ``config.pretrained`` the trunk then takes the
+    torchvision weights of that file (:func:`jaxmetric.pretrained.load_torchvision_resnet`);
+    the head stays as initialised."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     inputs = InputSpec.of(inputs)
     # Jitted: un-jitted, flax runs every initialiser op by op (seconds for a ResNet).
     init = jax.jit(functools.partial(model.init, train=False))
     variables = init(rng, jnp.zeros((1, *inputs.shape), jnp.float32))
+    if config.pretrained is not None:
+        variables, _ = load_torchvision_resnet(config.pretrained, model, variables)
     schedule = make_schedule(config, steps_per_epoch)
     loss_params = init_loss_params(config, jax.random.fold_in(rng, 1), num_classes,
-                                             config.embed_dim)
+                                   config.embed_dim)
     loss_tx = loss_opt_state = memory = None
     if loss_params is not None:
         loss_tx = make_loss_optimizer(config, schedule)

@@ -90,7 +90,7 @@ def _learned(loss_params):
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                loss_fn: Callable, axis_name: str | None = None, augment: bool = True,
-               dtype=jnp.float32, xbm_weight: float = 1.0,
+               dtype=jnp.float32, xbm_weight: float = 1.0, freeze_bn: bool = False,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; pure.
 
@@ -111,6 +111,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       xbm_weight: weight of the cross-batch memory's loss term (when the state has a
         memory, :mod:`jaxmetric.xbm`): ``loss = loss(batch) + xbm_weight *
         loss(batch vs memory)``, the memory read before this batch is written into it.
+      freeze_bn: BatchNorm in eval mode: it normalises with ``state.batch_stats``,
+        which stay as they are (the usual way to fine-tune a pretrained trunk on small
+        batches).
 
     Returns:
       ``(new_state, metrics)``, metrics float32 scalars :data:`METRICS`, equal on
@@ -146,8 +149,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         use_memory = state.step >= state.xbm_start
 
     def loss_and_aux(params, loss_params):
-        emb, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                      x, train=True, mutable=["batch_stats"])
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if freeze_bn:
+            emb, batch_stats = state.apply_fn(variables, x, train=False), state.batch_stats
+        else:
+            emb, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
         loss, info = loss_fn(emb, labels, axis_name=axis_name, **_learned(loss_params))
         if use_memory is not None:
             mem = state.memory
@@ -155,7 +162,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
                                   ref_embeddings=mem.embeddings, ref_labels=mem.labels,
                                   ref_valid=mem.valid & use_memory)
             loss = loss + xbm_weight * mem_loss
-        return loss, (info, updates["batch_stats"], emb)
+        return loss, (info, batch_stats, emb)
 
     (loss, (info, batch_stats, emb)), (grads, loss_grads) = jax.value_and_grad(
         loss_and_aux, argnums=(0, 1), has_aux=True)(state.params, state.loss_params)
@@ -192,7 +199,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
 
 def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtype=jnp.float32,
-                    xbm_weight: float = 1.0):
+                    xbm_weight: float = 1.0, freeze_bn: bool = False):
     """Jitted, data-parallel ``step(state, images, labels, indices, key)``.
 
     ``images`` (N, H, W, C) uint8 and ``labels`` (N,) are the whole training set,
@@ -200,14 +207,16 @@ def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtyp
     is the run's training key, folded with ``state.step`` for this step. ``state`` is
     donated. Returns ``(state, metrics)``, both replicated. The training set is put on
     every device once; per step the host only sends the int32 indices of the batch, and
-    each device gathers its shard of images and labels itself.
+    each device gathers its shard of images and labels itself. ``freeze_bn``: see
+    :func:`train_step`.
     """
 
     def step(state, images, labels, indices, key):
         batch = {"images": images[indices], "labels": labels[indices]}
         rng = jax.random.fold_in(key, state.step)
         return train_step(state, batch, rng, loss_fn=loss_fn, axis_name=AXIS,
-                          augment=augment, dtype=dtype, xbm_weight=xbm_weight)
+                          augment=augment, dtype=dtype, xbm_weight=xbm_weight,
+                          freeze_bn=freeze_bn)
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P()),
                             out_specs=(P(), P()), check_vma=True)
