@@ -429,7 +429,7 @@ def test_evaluate_embeddings_structure_and_consistency():
 @pytest.mark.parametrize(
     "call,err,match",
     [
-        (lambda a, b: ev.evaluate_embeddings(a, np.zeros(10), a, np.zeros(10)),
+        (lambda a, b: ev.evaluate_embeddings(a, np.zeros(10), a, np.zeros(20)),
          ValueError, "train_labels has 10 entries but train_emb has 20"),
         (lambda a, b: ev.evaluate_embeddings(a[0], np.zeros(20), a, np.zeros(20)),
          ValueError, "train_emb must be a 2-D array"),
