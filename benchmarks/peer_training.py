@@ -274,6 +274,9 @@ def run_jaxmetric(args, data_path) -> dict:
 
     from jaxmetric import data, models, report, sampling, train
 
+    if args.jax_cpu_devices is not None:
+        train.use_cpu_devices(args.jax_cpu_devices)
+
     config = jaxmetric_config(args, data_path)
     dataset = data.load_cifar10(data_path, max_train=config.max_train,
                                 max_test=config.max_test)
@@ -709,6 +712,7 @@ def drive(args, argv) -> int:
                                             "FAISS IndexFlatL2",
         },
         "options": {"sides": sides, "torch_init": args.torch_init,
+                    "jax_cpu_devices": args.jax_cpu_devices,
                     "torch_reducer": args.torch_reducer, "jax_set": args.jax_set or []},
         "data": {"path": str(data_path), "note": note, "max_train": args.max_train,
                  "max_test": args.max_test},
@@ -740,6 +744,8 @@ def drive(args, argv) -> int:
             if side == "jaxmetric":
                 for item in args.jax_set or ():
                     cmd += ["--jax-set", item]
+                if args.jax_cpu_devices is not None:
+                    cmd += ["--jax-cpu-devices", str(args.jax_cpu_devices)]
             else:
                 cmd += ["--torch-init", args.torch_init, "--torch-reducer", args.torch_reducer]
             print(f"[{k + 1}/{len(plan)}] {SIDE_NAMES[side]}, {loss}, seed {seed}", flush=True)
@@ -796,6 +802,9 @@ def main(argv=None) -> int:
     p.add_argument("--jax-set", action="append", metavar="KEY=VALUE",
                    help="override a jaxmetric TrainConfig field (repeatable; the value is "
                    "parsed as JSON, else taken as a string), e.g. --jax-set margin=0.3")
+    p.add_argument("--jax-cpu-devices", type=int, metavar="N",
+                   help="jaxmetric side: split the CPU into N XLA devices "
+                        "(jaxmetric.train.use_cpu_devices; the same training, N shards at once)")
     p.add_argument("--torch-init", choices=TORCH_INITS, default="default",
                    help="PyTorch's default initialisation, or jaxmetric's (he)")
     p.add_argument("--torch-reducer", choices=TORCH_REDUCERS, default="default",

@@ -94,8 +94,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="override the preset's batch")
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cpu-devices", type=int, metavar="N",
+                   help="split the CPU into N XLA devices (jaxmetric.train.use_cpu_devices)")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
+    if args.cpu_devices is not None:
+        train.use_cpu_devices(args.cpu_devices)
 
     dataset = _synthetic(args.images)
     values = {k: v for k, v in PRESETS[args.preset].items() if k not in RUN_LENGTH_FIELDS}

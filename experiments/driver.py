@@ -45,6 +45,10 @@ def build_parser(prog: str, description: str, run_name: str) -> argparse.Argumen
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true",
                    help="also show other libraries' INFO logs (orbax, faiss, ...)")
+    p.add_argument("--cpu-devices", type=int, metavar="N",
+                   help="without GPU/TPU: split the CPU into N XLA devices, e.g. the number "
+                        "of cores, so the data-parallel step runs N shards at once (same "
+                        "result; the batch must divide by N)")
     flags.add_config_arguments(p.add_argument_group(
         "training configuration (jaxmetric.config.TrainConfig; without --out the run "
         f"folder is runs/{run_name}-<loss>-<time>)"), required=("loss",))
@@ -102,6 +106,13 @@ def main(parser: argparse.ArgumentParser, run: Callable[..., int], argv=None) ->
     if args.resume and not out_given(args):
         parser.error("--resume needs --out: the run folder to continue")
     config = config_from_args(args, parser)
+    if args.cpu_devices is not None:
+        from jaxmetric.train import use_cpu_devices
+
+        try:
+            use_cpu_devices(args.cpu_devices)
+        except ValueError as e:
+            parser.error(str(e))
     setup_logging(args.verbose)
     from tqdm.contrib.logging import logging_redirect_tqdm
 

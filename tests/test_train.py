@@ -5,6 +5,9 @@ tiny synthetic batches.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -481,3 +484,18 @@ def test_fit_says_what_it_does_and_warns_of_collapse(tmp_path, monkeypatch, capl
     assert "no GPU or TPU found" in text and "--small" in text
     assert text.count("look collapsed") == 1
     assert "epoch 1/2: loss" in text and "epoch 2/2: loss" in text
+
+
+def test_use_cpu_devices_splits_the_cpu_before_jax_starts():
+    code = ("from jaxmetric.train import use_cpu_devices, make_mesh; use_cpu_devices(3); "
+            "print(make_mesh().size)")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True)
+    assert out.stdout.strip() == "3"
+    # Here JAX has started: the same count is fine, another one is refused clearly.
+    train.use_cpu_devices(len(jax.local_devices(backend="cpu")))
+    with pytest.raises(RuntimeError, match="already set up its devices"):
+        train.use_cpu_devices(len(jax.local_devices(backend="cpu")) + 1)
+    with pytest.raises(ValueError, match="int >= 1"):
+        train.use_cpu_devices(0)

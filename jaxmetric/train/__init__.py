@@ -51,7 +51,7 @@ from jaxmetric.train.checkpoints import (
 )
 from jaxmetric.train.embed import make_embed_fn
 from jaxmetric.train.loop import epoch_line, fit
-from jaxmetric.train.mesh import AXIS, make_mesh
+from jaxmetric.train.mesh import AXIS, make_mesh, use_cpu_devices
 from jaxmetric.train.objective import init_loss_params, make_loss_fn
 from jaxmetric.train.state import (
     InputSpec,
@@ -83,4 +83,5 @@ __all__ = [
     "make_train_step",
     "restore_state",
     "train_step",
+    "use_cpu_devices",
 ]

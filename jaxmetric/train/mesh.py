@@ -1,4 +1,12 @@
-"""The data-parallel mesh: one axis, :data:`AXIS`, over the devices."""
+"""The data-parallel mesh: one axis, :data:`AXIS`, over the devices.
+
+On a machine without an accelerator JAX makes one CPU device, and XLA:CPU runs one
+program at a time on it, threading inside the big operations only (measured on two
+cores: ~1.05 CPU seconds per wall second for the homebrew step). :func:`use_cpu_devices`
+splits the CPU into several XLA devices: the data-parallel step then runs one shard per
+device at the same time, with the same result (the losses see the global batch,
+BatchNorm statistics are synchronised).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-__all__ = ["AXIS", "make_mesh"]
+__all__ = ["AXIS", "make_mesh", "use_cpu_devices"]
 
 AXIS = "batch"
 """Name of the data-parallel mesh axis (and of the synchronised-BatchNorm axis)."""
@@ -25,3 +33,22 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     if not devices:
         raise ValueError("make_mesh needs at least one device")
     return Mesh(np.array(devices), (AXIS,))
+
+
+def use_cpu_devices(count: int) -> None:
+    """Make JAX's CPU backend ``count`` devices (``jax_num_cpu_devices``).
+
+    Call it before anything runs on a device (JAX fixes its devices at the first
+    operation): otherwise a ``RuntimeError`` says so, unless there are already
+    ``count`` CPU devices. It changes only the CPU backend;
+    with a GPU or TPU the mesh is still made of those.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"the number of CPU devices must be an int >= 1; got {count!r}")
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as e:
+        if len(jax.local_devices(backend="cpu")) == count:
+            return  # already so
+        raise RuntimeError(f"cannot make {count} CPU devices: JAX has already set up its "
+                           "devices; call use_cpu_devices before any JAX operation") from e
