@@ -197,6 +197,8 @@ def run_jaxmetric(args) -> dict:
     from jaxmetric.config import TrainConfig
     from jaxmetric.train.checkpoints import checkpoint_manager, save_checkpoint
 
+    if args.jax_cpu_devices:
+        train.use_cpu_devices(args.jax_cpu_devices)
     b, reps = args.batch_size, args.reps
     times: dict[str, list[float]] = {}
     config = TrainConfig(model=args.model, dtype="float32", loss=args.loss, batch_size=b,
@@ -271,7 +273,15 @@ def run_jaxmetric(args) -> dict:
 
     times["optimizer"] = timed(one_update, reps)
 
-    # 5. the whole jitted train step, back to back, one sync per block
+    # 5. the whole jitted train step, back to back, one sync per block; with
+    # --jax-cpu-devices on a mesh of every CPU device (the parts above stay on one).
+    if args.jax_cpu_devices:
+        mesh = train.make_mesh()
+        state, train_key = train.initial_state(config, steps_per_epoch, mesh, dataset)
+        replicated = NamedSharding(mesh, P())
+        images = jax.device_put(dataset.train.images, replicated)
+        labels = jax.device_put(dataset.train.labels, replicated)
+        idx = [jax.device_put(i, NamedSharding(mesh, P(train.AXIS))) for i in host_idx]
     step_fn = train.make_train_step(train.make_loss_fn(config), mesh, augment=config.augment,
                                     dtype=jnp.dtype(config.dtype))
     key = jax.random.wrap_key_data(train_key)
@@ -570,7 +580,8 @@ def drive(args, argv) -> int:
                      "loop_images": args.loop_images, "loop_epochs": LOOP_EPOCHS,
                      "steps": args.steps, "step_blocks": STEP_BLOCKS, "reps": args.reps,
                      "repeat": args.repeat, "embed_dim": EMBED_DIM,
-                     "torch_loss_reducer": "MeanReducer"},
+                     "torch_loss_reducer": "MeanReducer",
+                     "jax_cpu_devices": args.jax_cpu_devices},
         "parts": dict(PARTS),
         "git": git_state(),
         "environment": environment(),
@@ -587,6 +598,8 @@ def drive(args, argv) -> int:
                        "--loss", args.loss, "--images", str(args.images),
                        "--loop-images", str(args.loop_images), "--steps", str(args.steps),
                        "--reps", str(args.reps), "--json", str(run_json)]
+                if side == "jaxmetric" and args.jax_cpu_devices:
+                    cmd += ["--jax-cpu-devices", str(args.jax_cpu_devices)]
                 print(f"[{rep + 1}/{args.repeat}] {side}", flush=True)
                 t0 = time.perf_counter()
                 run, error = run_child(cmd, run_json)
@@ -641,6 +654,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=15, help="timed repetitions of each part")
     p.add_argument("--repeat", type=int, default=2,
                    help="alternations of the two sides (each side a fresh subprocess)")
+    p.add_argument("--jax-cpu-devices", type=int, metavar="N",
+                   help="jaxmetric's whole step and loop on N CPU devices "
+                        "(jaxmetric.train.use_cpu_devices); the parts stay on one")
     p.add_argument("--json", help="write the results here (with --side: that run's)")
     p.add_argument("--side", choices=SIDES, help="(internal) run one side in this process")
     args = p.parse_args(argv)
