@@ -111,8 +111,8 @@ def main(parser: argparse.ArgumentParser, run: Callable[..., int], argv=None) ->
 
         try:
             use_cpu_devices(args.cpu_devices)
-        except ValueError as e:
-            parser.error(str(e))
+        except (ValueError, RuntimeError) as e:
+            parser.error(f"--cpu-devices: {e}")
     setup_logging(args.verbose)
     from tqdm.contrib.logging import logging_redirect_tqdm
 

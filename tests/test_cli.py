@@ -60,10 +60,22 @@ def test_cli_smoke_run_and_reevaluate(cifar_tarball, tmp_path, isolated_cache, c
 def test_cli_bad_flags_exit_2():
     for argv in (["--loss", "quadruplet"], ["--loss", "triplet", "--mining", "nope"],
                  ["--loss", "triplet", "--epochs", "0"], ["--loss", "triplet", "--resume"],
-                 ["--loss", "triplet", "--batch-size", "100", "--classes-per-batch", "3"]):
+                 ["--loss", "triplet", "--batch-size", "100", "--classes-per-batch", "3"],
+                 ["--loss", "triplet", "--cpu-devices", "0"]):
         with pytest.raises(SystemExit) as e:
             cifar10.main(argv)
         assert e.value.code == 2, argv
+
+
+def test_cli_cpu_devices_after_jax_started_is_refused_clearly(capsys):
+    """JAX has its devices here already: another count is a clear exit 2, not a crash."""
+    import jax
+
+    other = len(jax.local_devices(backend="cpu")) + 1
+    with pytest.raises(SystemExit) as e:
+        cifar10.main(["--loss", "triplet", "--cpu-devices", str(other)])
+    assert e.value.code == 2
+    assert "--cpu-devices: cannot make" in capsys.readouterr().err
 
 
 def test_cli_missing_and_corrupt_data(tmp_path, isolated_cache, capsys):
