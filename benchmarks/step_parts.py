@@ -202,7 +202,8 @@ def run_jaxmetric(args) -> dict:
     b, reps = args.batch_size, args.reps
     times: dict[str, list[float]] = {}
     config = TrainConfig(model=args.model, dtype="float32", loss=args.loss, batch_size=b,
-                         epochs=LOOP_EPOCHS, warmup_epochs=1, out="unused")
+                         epochs=LOOP_EPOCHS, warmup_epochs=1, out="unused",
+                         conv_chunk_elements=args.conv_chunk_elements)
     mesh = train.make_mesh(jax.devices()[:1])
     dataset = _synthetic(args.images)
     steps_per_epoch = args.images // b
@@ -212,7 +213,8 @@ def run_jaxmetric(args) -> dict:
 
     # 1. the model alone (the same network without the mesh axis: one device either way)
     model = models.create_model(config.model, embed_dim=config.embed_dim, stem=config.stem,
-                                weight_init=config.weight_init)
+                                weight_init=config.weight_init,
+                                conv_chunk_elements=config.conv_chunk_elements)
     x = normalize(jnp.asarray(dataset.train.images[:b]), mean, std)
     w = jnp.asarray(unit_embeddings(b, seed=3))
 
@@ -581,7 +583,8 @@ def drive(args, argv) -> int:
                      "steps": args.steps, "step_blocks": STEP_BLOCKS, "reps": args.reps,
                      "repeat": args.repeat, "embed_dim": EMBED_DIM,
                      "torch_loss_reducer": "MeanReducer",
-                     "jax_cpu_devices": args.jax_cpu_devices},
+                     "jax_cpu_devices": args.jax_cpu_devices,
+                     "conv_chunk_elements": args.conv_chunk_elements},
         "parts": dict(PARTS),
         "git": git_state(),
         "environment": environment(),
@@ -600,6 +603,8 @@ def drive(args, argv) -> int:
                        "--reps", str(args.reps), "--json", str(run_json)]
                 if side == "jaxmetric" and args.jax_cpu_devices:
                     cmd += ["--jax-cpu-devices", str(args.jax_cpu_devices)]
+                if side == "jaxmetric" and args.conv_chunk_elements is not None:
+                    cmd += ["--conv-chunk-elements", str(args.conv_chunk_elements)]
                 print(f"[{rep + 1}/{args.repeat}] {side}", flush=True)
                 t0 = time.perf_counter()
                 run, error = run_child(cmd, run_json)
@@ -657,6 +662,9 @@ def main(argv=None) -> int:
     p.add_argument("--jax-cpu-devices", type=int, metavar="N",
                    help="jaxmetric's whole step and loop on N CPU devices "
                         "(jaxmetric.train.use_cpu_devices); the parts stay on one")
+    p.add_argument("--conv-chunk-elements", type=int, metavar="N",
+                   help="jaxmetric's convolutions on batch chunks of at most N values "
+                        "(jaxmetric.conv; 0: off; default: TrainConfig's, chunked on CPU)")
     p.add_argument("--json", help="write the results here (with --side: that run's)")
     p.add_argument("--side", choices=SIDES, help="(internal) run one side in this process")
     args = p.parse_args(argv)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from jaxmetric.conv import check_chunk_elements, conv_fn, default_chunk_elements
 from jaxmetric.distances import NORM_EPS, l2_normalize  # noqa: F401 - models.l2_normalize
 
 ModuleDef = Any
@@ -179,6 +180,9 @@ class ResNet(nn.Module):
       dtype: compute dtype; parameters are always float32.
       bn_axis_name: named axis to synchronise BatchNorm statistics over, or None.
       weight_init: ``"he"`` or ``"torch"`` (see :func:`kernel_init`).
+      conv_chunk_elements: run every convolution on chunks of the batch of at most this
+        many values (:func:`jaxmetric.conv.batch_chunked_conv`: same result, faster on
+        CPUs); 0 for one call per convolution.
     """
 
     stage_sizes: Sequence[int]
@@ -191,12 +195,14 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     act: Callable = nn.relu
     weight_init: str = "he"
+    conv_chunk_elements: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         _check_stem(self.stem)
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=kernel_init(self.weight_init))
+                       kernel_init=kernel_init(self.weight_init),
+                       conv_general_dilated=conv_fn(self.conv_chunk_elements))
         if self.stem == "imagenet":
             conv = symmetric_padding(conv)
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -238,7 +244,8 @@ class HomebrewNet(nn.Module):
     """Small, fast CNN: [3x3 conv -> BN -> ReLU -> 2x2 max-pool] per width, then the head.
 
     No pooling after the last block. With the default widths ``(32, 64, 128, 128)`` and
-    ``embed_dim=128`` it has about 260k parameters.
+    ``embed_dim=128`` it has about 260k parameters. ``conv_chunk_elements`` as in
+    :class:`ResNet`.
     """
 
     embed_dim: int = 128
@@ -246,11 +253,13 @@ class HomebrewNet(nn.Module):
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     weight_init: str = "he"
+    conv_chunk_elements: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=kernel_init(self.weight_init))
+                       kernel_init=kernel_init(self.weight_init),
+                       conv_general_dilated=conv_fn(self.conv_chunk_elements))
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name)
         for i, width in enumerate(self.widths):
@@ -278,7 +287,7 @@ def _check_stem(stem: str) -> None:
 
 def create_model(name: str, *, embed_dim: int = 128, dtype=jnp.float32, stem: str = "cifar",
                  bn_axis_name: str | None = None, weight_init: str = "he",
-                 **kwargs) -> nn.Module:
+                 conv_chunk_elements: int | None = None, **kwargs) -> nn.Module:
     """Build an embedding model by name.
 
     Args:
@@ -288,6 +297,10 @@ def create_model(name: str, *, embed_dim: int = 128, dtype=jnp.float32, stem: st
       stem: ``"cifar"`` or ``"imagenet"`` (ResNets only; validated for every model).
       bn_axis_name: axis name for synchronised BatchNorm under shard_map/pmap.
       weight_init: ``"he"`` or ``"torch"`` (:func:`kernel_init`).
+      conv_chunk_elements: batch chunk size of the convolutions in values
+        (:func:`jaxmetric.conv.batch_chunked_conv`), 0 for none; ``None`` picks
+        :func:`jaxmetric.conv.default_chunk_elements` for JAX's default backend (chunked
+        on CPU, whole elsewhere). The parameters and the outputs do not depend on it.
       **kwargs: extra module attributes, e.g. ``zero_init_residual=False`` or
         ``num_filters`` for ResNets, ``widths`` for homebrew.
 
@@ -298,10 +311,14 @@ def create_model(name: str, *, embed_dim: int = 128, dtype=jnp.float32, stem: st
         raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
     _check_stem(stem)
     kernel_init(weight_init)  # validates
+    if conv_chunk_elements is None:
+        conv_chunk_elements = default_chunk_elements()
+    conv_chunk_elements = check_chunk_elements(conv_chunk_elements)
     if name.startswith("resnet"):
         kwargs["stem"] = stem
     return _CONSTRUCTORS[name](embed_dim=embed_dim, dtype=dtype, bn_axis_name=bn_axis_name,
-                               weight_init=weight_init, **kwargs)
+                               weight_init=weight_init, conv_chunk_elements=conv_chunk_elements,
+                               **kwargs)
 
 
 def count_params(variables) -> int:

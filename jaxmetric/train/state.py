@@ -221,7 +221,8 @@ def initial_state(config: TrainConfig, steps_per_epoch: int, mesh: Mesh, inputs,
     """
     model = create_model(config.model, embed_dim=config.embed_dim, dtype=jnp.dtype(config.dtype),
                          stem=config.stem, bn_axis_name=AXIS,
-                         weight_init=config.weight_init)
+                         weight_init=config.weight_init,
+                         conv_chunk_elements=config.conv_chunk_elements)
     root = jax.random.key(config.seed)
     state = create_train_state(jax.random.fold_in(root, 0), model, config, steps_per_epoch,
                                inputs, num_classes)
