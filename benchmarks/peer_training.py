@@ -273,6 +273,7 @@ def run_jaxmetric(args, data_path) -> dict:
     import jax
 
     from jaxmetric import data, models, report, sampling, train
+    from jaxmetric.conv import default_chunk_elements
 
     if args.jax_cpu_devices is not None:
         train.use_cpu_devices(args.jax_cpu_devices)
@@ -303,6 +304,8 @@ def run_jaxmetric(args, data_path) -> dict:
     schedule = train.make_schedule(config, steps)
     result |= {
         "train_config": config.to_dict(),
+        "conv_chunk_elements": (default_chunk_elements() if config.conv_chunk_elements is None
+                                else config.conv_chunk_elements),
         "param_count": models.count_params({"params": state.params}),
         "steps_per_epoch": steps,
         "lr_probe": {str(s): float(schedule(s))
