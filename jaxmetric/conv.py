@@ -34,6 +34,10 @@ import numpy as np
 from jax import lax
 
 DEFAULT_CHUNK_ELEMENTS = 2**18
+# At most this many chunks per convolution: each chunk is one more convolution (and two
+# more in the gradient) in the compiled program, so a large batch would otherwise make
+# programs that take long to compile.
+MAX_CHUNKS = 32
 
 
 def default_chunk_elements(backend: str | None = None) -> int:
@@ -50,13 +54,16 @@ def check_chunk_elements(value) -> int:
     return int(value)
 
 
-def chunk_rows(per_example: int, batch: int, max_chunk_elements: int) -> int:
+def chunk_rows(per_example: int, batch: int, max_chunk_elements: int,
+               max_chunks: int = MAX_CHUNKS) -> int:
     """Examples per chunk so that a chunk holds at most ``max_chunk_elements`` values of
-    its largest operand (``per_example`` values per example); at least 1, at most
-    ``batch``; ``batch`` when ``max_chunk_elements`` is 0."""
+    its largest operand (``per_example`` values per example), but no more than
+    ``max_chunks`` chunks; at least 1, at most ``batch``; ``batch`` when
+    ``max_chunk_elements`` is 0."""
     if max_chunk_elements <= 0:
         return batch
-    return int(min(batch, max(1, max_chunk_elements // max(per_example, 1))))
+    rows = max(1, max_chunk_elements // max(per_example, 1), -(-batch // max_chunks))
+    return int(min(batch, rows))
 
 
 def batch_chunked_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -98,7 +98,9 @@ def test_batch_group_count_is_left_whole():
 
 def test_chunk_rows():
     assert chunk_rows(100, 64, 1000) == 10
-    assert chunk_rows(100, 64, 50) == 1            # at least one example
+    assert chunk_rows(100, 16, 50) == 1            # at least one example
+    assert chunk_rows(100, 64, 50) == 2            # at most MAX_CHUNKS = 32 chunks
+    assert chunk_rows(100, 64, 50, max_chunks=64) == 1
     assert chunk_rows(100, 64, 10**9) == 64        # at most the batch
     assert chunk_rows(100, 64, 0) == 64            # 0: off
     # no int32 arithmetic: large products stay exact
