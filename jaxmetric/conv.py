@@ -14,12 +14,12 @@ the float sums over the batch in the kernel gradient.
 **Why.** On XLA:CPU (Eigen's spatial convolutions) a convolution's time grows faster than
 its batch once its operands leave the caches, and the kernel gradient -- a contraction
 over ``batch x height x width`` -- suffers most: for the 16x16, 32 -> 64 channel 3x3 conv
-of the ``homebrew`` network at batch 256, the kernel gradient took ~100 ms in one piece
-and ~30 ms as 16 chunks of 16 examples on a 2-core x86 CPU. Chunks of about
-``max_chunk_elements`` activation values (2**18, i.e. 1 MiB in float32, by default)
-keep the operands cache-sized; smaller layers are left whole. GPUs and TPUs do not need
-it (their convolution libraries tile on their own), so :func:`default_chunk_elements`
-turns it on for the CPU backend only.
+of the ``homebrew`` network at batch 256, the kernel gradient took 90 ms in one piece
+and 29 ms as 16 chunks of 16 examples on a 2-core x86 CPU (``benchmarks/conv_chunks.py``).
+Chunks of about ``max_chunk_elements`` activation values (2**18, i.e. 1 MiB in float32,
+by default) keep the operands cache-sized; smaller layers are left whole. The gain was
+measured on CPUs only; GPU and TPU convolution libraries choose their own tiling, so
+:func:`default_chunk_elements` turns chunking on for the CPU backend only.
 
 Use it as flax's ``nn.Conv(..., conv_general_dilated=conv_fn(2**18))``; the models take
 it through ``conv_chunk_elements`` (:mod:`jaxmetric.models`).
