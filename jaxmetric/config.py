@@ -37,8 +37,8 @@ import math
 from typing import Any
 
 from jaxmetric import losses as losses_lib
-from jaxmetric.losses import MINING_MODES, REDUCTIONS
 from jaxmetric.conv import check_chunk_elements
+from jaxmetric.losses import MINING_MODES, REDUCTIONS
 from jaxmetric.models import INITS, MODEL_NAMES, STEMS
 from jaxmetric.utils import check_choice
 

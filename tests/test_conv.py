@@ -62,7 +62,7 @@ def test_values_and_gradients_equal_lax(case, chunk):
 
     got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
     want = jax.grad(loss(ref), argnums=(0, 1))(x, w)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, **TOL)
 
 
@@ -147,5 +147,5 @@ def test_models_do_not_depend_on_the_chunking(name):
     (_, e_whole), g_whole = loss(whole)(variables["params"])
     (_, e_chunked), g_chunked = loss(chunked)(variables["params"])
     np.testing.assert_allclose(e_chunked, e_whole, rtol=1e-4, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole)):
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
