@@ -4,13 +4,14 @@
         benchmarks/results/peer-training-cpu-2dev.json \\
         benchmarks/results/peer-training-cpu-2dev-chunked.json
 
-Per loss and side: the seeds found, mean ± sample sd of P@1 and R-precision; per loss the
-difference of the means (jaxmetric − PyTorch, in points) with its standard error
-``sqrt(sd_j² / n_j + sd_p² / n_p)`` (the two sides' seeds are independent draws: the
-same seed number drives different random streams in the two frameworks). A seed run
-twice (in two files) is counted once, from the last file. Speed is not pooled: the
-files may come from different settings (devices, convolution chunking) and machine
-states; compare speeds within one file.
+Per loss and side, :func:`benchmarks.peer_training.summarise` over the pooled runs (the
+seeds, mean ± sample sd of P@1 and R-precision, ...), and per loss the standard error of
+the P@1 difference (jaxmetric − PyTorch, in points), ``sqrt(sd_j² / n_j + sd_p² / n_p)``:
+the two sides' seeds are independent draws (the same seed number drives different
+random streams in the two frameworks). A seed run twice (in two files) is counted once,
+from the last file. The table shows quality only: the files may come from different
+settings (devices, convolution chunking) and machine states, so compare speeds within
+one file.
 """
 
 from __future__ import annotations
@@ -18,61 +19,49 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 
-SIDES = (("jaxmetric", "jaxmetric"), ("pml", "PyTorch + PML"))
+from benchmarks.peer_training import LOSSES, SIDE_NAMES, SIDES, summarise
+
+
+def pooled_runs(docs: list[dict]) -> list[dict]:
+    """The runs of all files, one per (loss, side, seed), later files winning."""
+    runs = {}
+    for doc in docs:
+        for run in doc.get("runs", []):
+            runs[run["loss"], run["side"], run["seed"]] = run
+    return list(runs.values())
 
 
 def pool(docs: list[dict]) -> dict:
-    """``{loss: {side: {seed: run}}}`` over the files, later files winning."""
-    out: dict[str, dict[str, dict[int, dict]]] = {}
-    for doc in docs:
-        for run in doc.get("runs", []):
-            out.setdefault(run["loss"], {}).setdefault(run["side"], {})[run["seed"]] = run
-    return out
-
-
-def stats(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else float("nan")
-
-
-def summarise(pooled: dict) -> dict:
-    summary = {}
-    for loss, sides in pooled.items():
-        row = {}
-        for side, _ in SIDES:
-            runs = sides.get(side, {})
-            if not runs:
-                continue
-            p1 = [100 * runs[s]["precision_at_1"] for s in sorted(runs)]
-            rp = [100 * runs[s]["r_precision"] for s in sorted(runs)]
-            row[side] = {"seeds": sorted(runs), "p_at_1": stats(p1), "r_precision": stats(rp)}
-        if len(row) == 2:
-            j, p = row["jaxmetric"], row["pml"]
-            se = math.sqrt(j["p_at_1"][1] ** 2 / len(j["seeds"])
-                           + p["p_at_1"][1] ** 2 / len(p["seeds"]))
-            row["difference"] = {"p_at_1": j["p_at_1"][0] - p["p_at_1"][0], "p_at_1_se": se,
-                                 "r_precision": j["r_precision"][0] - p["r_precision"][0]}
-        summary[loss] = row
+    """:func:`benchmarks.peer_training.summarise` over the pooled runs, with the standard
+    error of the P@1 difference (in points) added to each loss's comparison."""
+    summary = summarise(pooled_runs(docs), LOSSES, SIDES)
+    for per in summary.values():
+        if "jaxmetric_vs_pml" in per:
+            j, p = per["jaxmetric"], per["pml"]
+            se = math.sqrt(j["precision_at_1_sd"] ** 2 / j["n"]
+                           + p["precision_at_1_sd"] ** 2 / p["n"])
+            per["jaxmetric_vs_pml"]["precision_at_1_diff_se_points"] = 100 * se
     return summary
 
 
 def markdown(summary: dict) -> str:
     lines = ["| loss | side | seeds | P@1 test→train | R-precision |", "|---|---|---|---|---|"]
-    for loss, row in summary.items():
-        for side, name in SIDES:
-            if side in row:
-                r = row[side]
-                seeds = ", ".join(map(str, r["seeds"]))
-                lines.append(f"| {loss} | {name} | {seeds} | {r['p_at_1'][0]:.1f} ± "
-                             f"{r['p_at_1'][1]:.1f} % | {r['r_precision'][0]:.1f} ± "
-                             f"{r['r_precision'][1]:.1f} % |")
-        if "difference" in row:
-            d = row["difference"]
-            lines.append(f"| {loss} | jaxmetric − PyTorch | | {d['p_at_1']:+.2f} pts "
-                         f"(s.e. {d['p_at_1_se']:.1f}) | {d['r_precision']:+.2f} pts |")
+    for loss, per in summary.items():
+        for side in SIDES:
+            if side in per:
+                s = per[side]
+                seeds = ", ".join(map(str, sorted(s["seeds"])))
+                p1, rp = (f"{100 * s[k + '_mean']:.1f} ± {100 * s[k + '_sd']:.1f} %"
+                          for k in ("precision_at_1", "r_precision"))
+                lines.append(f"| {loss} | {SIDE_NAMES[side]} | {seeds} | {p1} | {rp} |")
+        if "jaxmetric_vs_pml" in per:
+            d = per["jaxmetric_vs_pml"]
+            lines.append(f"| {loss} | jaxmetric − PyTorch | | "
+                         f"{d['precision_at_1_diff_points']:+.2f} pts (s.e. "
+                         f"{d['precision_at_1_diff_se_points']:.1f}) | "
+                         f"{d['r_precision_diff_points']:+.2f} pts |")
     return "\n".join(lines)
 
 
@@ -91,7 +80,7 @@ def main(argv=None) -> int:
         if doc.get("benchmark") != "peer_training":
             p.error(f"{path} is not a benchmarks.peer_training result")
         docs.append(doc)
-    summary = summarise(pool(docs))
+    summary = pool(docs)
     print(markdown(summary))
     if args.json:
         with open(args.json, "w") as f:

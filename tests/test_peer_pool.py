@@ -5,11 +5,13 @@ import math
 
 import pytest
 
-from benchmarks import peer_pool
+from benchmarks import peer_pool, peer_training
 
 
 def run(side, loss, seed, p1, rp=0.4):
-    return {"side": side, "loss": loss, "seed": seed, "precision_at_1": p1, "r_precision": rp}
+    timings = dict.fromkeys(peer_training.SUMMARY_KEYS, 1.0)
+    return {"side": side, "loss": loss, "seed": seed, "precision_at_1": p1, "r_precision": rp,
+            "map_at_r": 0.2, "test_vs_test_precision_at_1": p1} | timings
 
 
 def doc(*runs):
@@ -28,11 +30,13 @@ def test_pooled_means_sds_and_standard_error(tmp_path, capsys):
     out = tmp_path / "pooled.json"
     assert peer_pool.main([str(p) for p in paths] + ["--json", str(out)]) == 0
     s = json.loads(out.read_text())["summary"]["triplet"]
-    assert s["jaxmetric"]["seeds"] == [0, 1, 2] and s["pml"]["seeds"] == [0, 1, 2]
-    assert s["jaxmetric"]["p_at_1"] == pytest.approx([52.0, 2.0])
-    assert s["pml"]["p_at_1"] == pytest.approx([54.0, 2.0])
-    assert s["difference"]["p_at_1"] == pytest.approx(-2.0)
-    assert s["difference"]["p_at_1_se"] == pytest.approx(math.sqrt(4 / 3 + 4 / 3))
+    assert sorted(s["jaxmetric"]["seeds"]) == [0, 1, 2] == sorted(s["pml"]["seeds"])
+    assert s["jaxmetric"]["precision_at_1_mean"] == pytest.approx(0.52)
+    assert s["jaxmetric"]["precision_at_1_sd"] == pytest.approx(0.02)
+    assert s["pml"]["precision_at_1_mean"] == pytest.approx(0.54)
+    d = s["jaxmetric_vs_pml"]
+    assert d["precision_at_1_diff_points"] == pytest.approx(-2.0)
+    assert d["precision_at_1_diff_se_points"] == pytest.approx(math.sqrt(4 / 3 + 4 / 3))
     assert "-2.00 pts" in capsys.readouterr().out
 
 
