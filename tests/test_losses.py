@@ -14,15 +14,18 @@ from jax.sharding import PartitionSpec as P
 from jaxmetric import distances, losses, masks
 
 import oracles
+from pair_loss_checks import (
+    NONFINITE_LABELS,
+    NONFINITE_ROW,
+    B,
+    grid_batches,
+    nonfinite_batches,
+    unit,
+)
 
 WINDOW_MODES = ("all", "hard", "semihard", "easy")
 DISTANCES = tuple(distances.DISTANCES)
 REDUCTIONS = losses.REDUCTIONS + ("none",)
-
-
-def _unit(rng, b, d=4):
-    x = rng.normal(size=(b, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _oracle(fn, x, labels, **kw):
@@ -56,7 +59,6 @@ CONFIGS = [
     (losses.triplet_loss, dict(distance=dist, mining=mode, margin="soft"))
     for mode in losses.SOFT_MINING_MODES for dist in DISTANCES
 ]
-B = 10
 
 
 def _config_id(config):
@@ -64,62 +66,21 @@ def _config_id(config):
     return fn.__name__.split("_")[0] + "-" + "-".join(str(v) for v in kw.values())
 
 
-def _grid_batches(rng):
-    """(x, labels, valid, name): random, padded non-unit with a zero row, repeated
-    points (exact ties), and label layouts without positives or negatives."""
-    out = []
-    out.append((_unit(rng, B), rng.integers(0, 3, B), np.ones(B, bool), "unit"))
-    x = (rng.normal(size=(B, 4)) * rng.uniform(0.2, 3.0, (B, 1))).astype(np.float32)
-    x[4] = 0.0  # a zero vector (cosine: distance 1 to everything)
-    valid = np.ones(B, bool)
-    valid[[1, 6, 9]] = False
-    x[[1, 6, 9]] = rng.normal(size=(3, 4)) * 50  # padded garbage
-    out.append((x, rng.integers(0, 3, B), valid, "padded non-unit"))
-    # Repeated axis vectors: every distance (squared_l2, l2, cosine) is exact in float32,
-    # so the ties (coincident positives and negatives) are the oracle's ties too.
-    base = np.concatenate([np.eye(4), -np.eye(4)[:1]]).astype(np.float32)
-    out.append((base[rng.integers(0, 5, B)], rng.integers(0, 3, B), np.ones(B, bool), "duplicates"))
-    layouts = {
-        "one-class": np.zeros(B, int),
-        "all-distinct": np.arange(B),
-        "one-pair": np.array([0, 0] + list(range(1, B - 1))),
-        "two-classes": np.array([5] * 6 + [9] * 4),
-    }
-    for name, labels in layouts.items():
-        out.append((_unit(rng, B), labels, np.ones(B, bool), name))
-    return out
-
-
-NONFINITE_ROW = 2
-NONFINITE_LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
-
-
-def _nonfinite_batches(x, row):
-    """(x, garbage name) pairs: the clean batch, then NaN / ±inf in one entry or all of ``row``."""
-    out = [(x, "clean")]
-    for bad in (np.nan, np.inf, -np.inf):
-        for where, idx in (("entry", (row, 1)), ("row", row)):
-            y = x.copy()
-            y[idx] = bad
-            out.append((y, f"{bad} in {where}"))
-    return out
-
-
 @pytest.fixture(scope="module")
 def grid():
     """Every configuration and reduction on every batch: ``results[config][reduction]``
     is ``(loss, info)`` stacked over the batches (grid batches first, then the
-    non-finite ones: the cases of :func:`_nonfinite_batches`, then the same with the
-    garbage row padded)."""
+    non-finite ones: the cases of :func:`pair_loss_checks.nonfinite_batches`, then the
+    same with the garbage row padded)."""
     rng = np.random.default_rng(11)
-    grid_batches = _grid_batches(rng)
-    x = _unit(rng, B)
-    cases = _nonfinite_batches(x, NONFINITE_ROW)
-    xs = [g[0] for g in grid_batches] + [c for c, _ in cases] * 2
-    ys = [g[1] for g in grid_batches] + [NONFINITE_LABELS] * (2 * len(cases))
-    vs = [g[2] for g in grid_batches] + [np.ones(B, bool)] * (2 * len(cases))
+    batches = grid_batches(rng)
+    x = unit(rng, B)
+    cases = nonfinite_batches(x)
+    xs = [g[0] for g in batches] + [c for c, _ in cases] * 2
+    ys = [g[1] for g in batches] + [NONFINITE_LABELS] * (2 * len(cases))
+    vs = [g[2] for g in batches] + [np.ones(B, bool)] * (2 * len(cases))
     vs = np.stack(vs)
-    vs[len(grid_batches) + len(cases):, NONFINITE_ROW] = False
+    vs[len(batches) + len(cases):, NONFINITE_ROW] = False
 
     def everything(e, y, v):
         return [{r: fn(e, y, valid=v, reduction=r, **kw) for r in REDUCTIONS}
@@ -129,7 +90,7 @@ def grid():
         np.stack(xs).astype(np.float32), np.stack(ys).astype(np.int32), vs)
     return {
         "results": results,
-        "grid": grid_batches,
+        "grid": batches,
         "nonfinite": [name for _, name in cases],
         "nonfinite_x": x,
     }
@@ -245,7 +206,7 @@ def test_finite_gradients_with_coincident_embeddings(fill):
     coincide or are zero (one jit)."""
     labels = jnp.array([0, 0, 1, 1, 2, 2])
     if fill is None:
-        x = _unit(np.random.default_rng(0), 6)
+        x = unit(np.random.default_rng(0), 6)
         x[1] = x[0]
     else:
         x = np.full((6, 4), fill, np.float32)
@@ -272,7 +233,7 @@ def test_finite_gradients_with_coincident_embeddings(fill):
 def test_matches_lecture_triplet_mask(mining):
     """Selected-triplet counts agree with the lecture's B×B×B mask."""
     rng = np.random.default_rng(4)
-    x = _unit(rng, 16)
+    x = unit(rng, 16)
     labels = rng.integers(0, 4, 16)
     d = np.asarray(jax.vmap(lambda a: jnp.sum((x - a) ** 2, axis=1))(x))
     dap, dan = d[:, :, None], d[:, None, :]
@@ -409,7 +370,7 @@ def test_cosine_grad_matches_finite_differences():
 
 def test_bfloat16_inputs():
     rng = np.random.default_rng(7)
-    x = _unit(rng, 24, 16)
+    x = unit(rng, 24, 16)
     labels = rng.integers(0, 4, 24)
     xb = jnp.asarray(x, jnp.bfloat16)
     x_rounded = np.asarray(xb.astype(jnp.float32))
@@ -432,7 +393,7 @@ def test_bfloat16_inputs():
 
 def test_vmap_over_independent_batches():
     rng = np.random.default_rng(8)
-    x = np.stack([_unit(rng, 10) for _ in range(3)])
+    x = np.stack([unit(rng, 10) for _ in range(3)])
     labels = rng.integers(0, 3, (3, 10))
     for fn in (
         functools.partial(losses.triplet_loss, mining="semihard"),
@@ -448,7 +409,7 @@ def test_large_batch_against_float64():
     """B = 4096: exact sum over ~1.5e9 triplets vs a float64 NumPy computation."""
     b, n_classes, margin = 4096, 10, 0.2
     rng = np.random.default_rng(9)
-    x = _unit(rng, b, 16)
+    x = unit(rng, b, 16)
     labels = rng.integers(0, n_classes, b).astype(np.int32)
     loss, info = jax.jit(losses.triplet_loss)(x, labels)
 
@@ -496,7 +457,7 @@ def data_parallel():
         pytest.skip("needs 8 (simulated) devices")
     rng = np.random.default_rng(10)
     b = 40
-    x = _unit(rng, b)
+    x = unit(rng, b)
     labels = rng.integers(0, 4, b).astype(np.int32)
     valid = rng.random(b) > 0.15
 
@@ -587,7 +548,7 @@ def test_nonfinite_under_shard_map():
         functools.partial(losses.triplet_loss, mining="batch_hard", distance="l2"),
     ]
     rng = np.random.default_rng(12)
-    x = _unit(rng, 16)
+    x = unit(rng, 16)
     labels = rng.integers(0, 3, 16).astype(np.int32)
     row = 5  # on device 2
 
