@@ -113,6 +113,9 @@ def main(argv=None) -> int:
 
     from jaxmetric import models
 
+    if jax.default_backend() != "cpu":
+        p.error(f"this profile reads XLA:CPU's per-instruction events, but JAX runs on "
+                f"{jax.default_backend()!r}: run it with JAX_PLATFORMS=cpu")
     model = models.create_model(args.model, conv_chunk_elements=args.conv_chunk_elements)
     x = jax.random.normal(jax.random.key(0), (args.batch_size, 32, 32, 3), jnp.float32)
     variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)
