@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.step_parts import unit_embeddings
     from jaxmetric import models
 
     if jax.default_backend() != "cpu":
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     model = models.create_model(args.model, conv_chunk_elements=args.conv_chunk_elements)
     x = jax.random.normal(jax.random.key(0), (args.batch_size, 32, 32, 3), jnp.float32)
     variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)
-    w = jax.random.normal(jax.random.key(2), (args.batch_size, model.embed_dim))
+    w = jnp.asarray(unit_embeddings(args.batch_size, seed=3))  # as step_parts' forward_backward
 
     def scalar(params, batch_stats, x):
         emb, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
