@@ -595,6 +595,24 @@ SUMMARY_KEYS = ("train_seconds", "first_epoch_seconds", "images_per_second",
                 "steady_images_per_second", "embed_seconds", "search_seconds")
 
 
+def steady_cpu_use(run: dict) -> dict:
+    """The CPU the run used in epochs 2..N, from its per-epoch process CPU and wall times.
+
+    ``cpu_seconds_per_epoch`` is the work done (all threads' CPU time, averaged over the
+    epochs), ``cores_busy`` = CPU seconds / wall seconds, how many cores it kept busy on
+    average. Both ``None`` for a run without two epochs of CPU times.
+    """
+    cpu = run.get("epoch_cpu_seconds") or []
+    wall = run.get("epoch_seconds") or []
+    if len(cpu) != len(wall):
+        return {"cpu_seconds_per_epoch": None, "cores_busy": None}
+    pairs = [(c, w) for c, w in zip(cpu[1:], wall[1:], strict=True) if c is not None]
+    if not pairs:
+        return {"cpu_seconds_per_epoch": None, "cores_busy": None}
+    c, w = sum(c for c, _ in pairs), sum(w for _, w in pairs)
+    return {"cpu_seconds_per_epoch": c / len(pairs), "cores_busy": c / w}
+
+
 def summarise(runs: list[dict], losses, sides) -> dict:
     out = {}
     for loss in losses:
@@ -610,6 +628,8 @@ def summarise(runs: list[dict], losses, sides) -> dict:
                 s[f"{key}_sd"] = _sd([r[key] for r in rs])
             for key in SUMMARY_KEYS:
                 s[f"{key}_mean"] = _mean([r[key] for r in rs])
+            for key in ("cpu_seconds_per_epoch", "cores_busy"):
+                s[f"steady_{key}_mean"] = _mean([steady_cpu_use(r)[key] for r in rs])
             per[side] = s
         if "jaxmetric" in per and "pml" in per:
             j, p = per["jaxmetric"], per["pml"]
@@ -624,6 +644,8 @@ def summarise(runs: list[dict], losses, sides) -> dict:
                 "images_per_second_ratio": ratio("images_per_second_mean"),
                 "steady_images_per_second_ratio": ratio("steady_images_per_second_mean"),
                 "train_seconds_ratio": ratio("train_seconds_mean"),
+                "steady_cpu_seconds_per_epoch_ratio": ratio("steady_cpu_seconds_per_epoch_mean"),
+                "steady_cores_busy_ratio": ratio("steady_cores_busy_mean"),
             }
         out[loss] = per
     return out

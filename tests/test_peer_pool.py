@@ -45,3 +45,51 @@ def test_refuses_other_files(tmp_path):
     path.write_text(json.dumps({"benchmark": "step_parts"}))
     with pytest.raises(SystemExit):
         peer_pool.main([str(path)])
+
+
+def test_steady_cpu_use_skips_the_first_epoch():
+    r = {"epoch_seconds": [20.0, 10.0, 5.0], "epoch_cpu_seconds": [50.0, 18.0, 10.0]}
+    use = peer_training.steady_cpu_use(r)
+    assert use["cpu_seconds_per_epoch"] == pytest.approx(14.0)
+    assert use["cores_busy"] == pytest.approx(28.0 / 15.0)
+    none = {"cpu_seconds_per_epoch": None, "cores_busy": None}
+    assert peer_training.steady_cpu_use({"epoch_seconds": [1.0, 2.0]}) == none
+    assert peer_training.steady_cpu_use({"epoch_seconds": [1.0],
+                                         "epoch_cpu_seconds": [2.0]}) == none
+    assert peer_training.steady_cpu_use({"epoch_seconds": [1.0, 2.0, 3.0],
+                                         "epoch_cpu_seconds": [2.0, 4.0]}) == none
+
+
+def test_cpu_table(tmp_path, capsys):
+    def timed(side, seed, cpu, wall):
+        return run(side, "contrastive", seed, 0.5) | {"epoch_seconds": [9.0, wall, wall],
+                                                      "epoch_cpu_seconds": [30.0, cpu, cpu]}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(doc(timed("jaxmetric", 0, 18.0, 10.0),
+                                   timed("jaxmetric", 1, 17.0, 9.0),
+                                   timed("pml", 0, 18.0, 9.0), timed("pml", 1, 16.0, 8.0))))
+    out = tmp_path / "pooled.json"
+    assert peer_pool.main([str(path), "--cpu", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["summary"]["contrastive"]
+    assert s["jaxmetric"]["steady_cpu_seconds_per_epoch_mean"] == pytest.approx(17.5)
+    assert s["jaxmetric"]["steady_cores_busy_mean"] == pytest.approx((1.8 + 17 / 9) / 2)
+    assert s["pml"]["steady_cores_busy_mean"] == pytest.approx(2.0)
+    assert s["jaxmetric_vs_pml"]["steady_cpu_seconds_per_epoch_ratio"] == pytest.approx(
+        17.5 / 17.0)
+    text = capsys.readouterr().out
+    assert "| contrastive | jaxmetric | 17.5 | 1.84 |" in text
+    assert "| contrastive | PyTorch + PML | 17.0 | 2.00 |" in text
+    assert "| contrastive | jaxmetric ÷ PyTorch | 1.03 | 0.92 |" in text
+
+
+def test_one_seed_per_side_has_no_standard_error(tmp_path, capsys):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(doc(run("jaxmetric", "triplet", 3, 0.50),
+                                   run("pml", "triplet", 3, 0.52))))
+    out = tmp_path / "pooled.json"
+    assert peer_pool.main([str(path), "--json", str(out)]) == 0
+    d = json.loads(out.read_text())["summary"]["triplet"]["jaxmetric_vs_pml"]
+    assert d["precision_at_1_diff_se_points"] is None
+    text = capsys.readouterr().out
+    assert "| triplet | jaxmetric | 3 | 50.0 % | 40.0 % |" in text
+    assert "-2.00 pts (s.e. –)" in text
