@@ -120,7 +120,7 @@ PARTS = (
 
 
 def synthetic_arrays(n: int, seed: int = 0):
-    """The images and labels of :func:`benchmarks.throughput._synthetic` (numpy only)."""
+    """The images and labels of :func:`benchmarks.throughput.synthetic_dataset` (numpy only)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -191,7 +191,7 @@ def run_jaxmetric(args) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from benchmarks.throughput import _synthetic, whole_loop
+    from benchmarks.throughput import synthetic_dataset, whole_loop
     from jaxmetric import models, train
     from jaxmetric.augment import augment, normalize
     from jaxmetric.config import TrainConfig
@@ -205,7 +205,7 @@ def run_jaxmetric(args) -> dict:
                          epochs=LOOP_EPOCHS, warmup_epochs=1, out="unused",
                          conv_chunk_elements=args.conv_chunk_elements)
     mesh = train.make_mesh(jax.devices()[:1])
-    dataset = _synthetic(args.images)
+    dataset = synthetic_dataset(args.images)
     steps_per_epoch = args.images // b
     state, train_key = train.initial_state(config, steps_per_epoch, mesh, dataset)
     mean, std = state.inputs.mean, state.inputs.std  # the data's, as train_step uses them
@@ -316,7 +316,7 @@ def run_jaxmetric(args) -> dict:
     # 6. the whole loop: fit, second epoch
     loop_config = TrainConfig(model=args.model, dtype="float32", loss=args.loss,
                               batch_size=b, epochs=LOOP_EPOCHS, warmup_epochs=1, out="unused")
-    loop_ips = whole_loop(loop_config, _synthetic(args.loop_images), mesh)
+    loop_ips = whole_loop(loop_config, synthetic_dataset(args.loop_images), mesh)
     times["loop"] = [1e3 * b / loop_ips]
 
     return {"times_ms": times, "checkpoint_bytes": checkpoint_bytes,
@@ -498,7 +498,8 @@ def run_torch(args) -> dict:
 
 def run_side(args) -> int:
     t0 = time.perf_counter()
-    result = {"side": args.side, "load_average_before": os.getloadavg()}
+    result = {"side": args.side, "load_average_before": os.getloadavg(),
+              "xla_flags": os.environ.get("XLA_FLAGS")}
     result |= run_jaxmetric(args) if args.side == "jaxmetric" else run_torch(args)
     result["wall_seconds"] = time.perf_counter() - t0
     result["load_average_after"] = os.getloadavg()  # 1, 5, 15 min: other work running

@@ -45,7 +45,8 @@ RUN_LENGTH_FIELDS = ("epochs", "warmup_epochs", "max_train", "max_test", "eval_e
 """Preset fields that do not apply to this short measurement on synthetic data."""
 
 
-def _synthetic(n: int, seed: int = 0) -> data.Dataset:
+def synthetic_dataset(n: int, seed: int = 0) -> data.Dataset:
+    """``n`` random uint8 CIFAR-shaped images, labels cycling over 10 classes (train = test)."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     labels = (np.arange(n) % 10).astype(np.int32)
@@ -101,7 +102,7 @@ def main(argv=None):
     if args.cpu_devices is not None:
         train.use_cpu_devices(args.cpu_devices)
 
-    dataset = _synthetic(args.images)
+    dataset = synthetic_dataset(args.images)
     values = {k: v for k, v in PRESETS[args.preset].items() if k not in RUN_LENGTH_FIELDS}
     if args.loss is not None and args.loss != values.get("loss"):
         values |= {"loss": args.loss, "mining": None}
