@@ -12,12 +12,14 @@ one process with N CPU devices, in turn (``--repeat`` times, each a fresh proces
 
 * ``synchronised``: the train step on the mesh of the N devices, global batch B;
 * ``independent``: N separate one-device train steps of B/N examples each, one per device,
-  dispatched one after the other every step (no collective between them: N separate
-  trainings doing the same arithmetic as the synchronised step, less its collectives).
+  dispatched one after the other every step: N separate trainings doing the same
+  arithmetic as the synchronised step. Each compiles to the same program on a mesh of
+  one device, collectives included, but those span one device, so nothing waits there.
 
 Reported: milliseconds per B images (steps back to back, one sync at the end), images/s,
 and ``cores_busy`` = the process's CPU seconds / wall seconds over the timed steps.
-``synchronised / independent`` is the cost of the synchronisation. Random uint8
+``synchronised / independent`` is the cost of the synchronisation; each run also counts
+the collectives in its compiled step (``collectives_per_step``). Random uint8
 CIFAR-shaped images resident on the devices; float32; the ``TrainConfig`` defaults
 otherwise.
 """
@@ -25,10 +27,12 @@ otherwise.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
 import pathlib
+import re
 import shlex
 import statistics
 import subprocess
@@ -40,6 +44,9 @@ from benchmarks.peer_training import REPO, environment, write_json
 from benchmarks.step_parts import LOSSES, MODELS, batch_indices, git_state
 
 MODES = ("synchronised", "independent")
+# an HLO instruction line's opcode: ``%name = shape all-reduce(`` (also ``-start`` forms)
+COLLECTIVE = re.compile(r" (all-reduce|all-gather|reduce-scatter|all-to-all|"
+                        r"collective-permute)(?:-start)?\(")
 WARMUP = 3
 
 
@@ -85,6 +92,9 @@ def run_mode(args) -> dict:
                 metrics.append(m)
         return jax.block_until_ready((metrics, [r["state"] for r in runs]))
 
+    r = runs[0]
+    program = r["step"].lower(r["state"], r["images"], r["labels"], r["idx"][0],
+                              r["key"]).compile().as_text()
     steps(0, WARMUP)  # compilation and warm-up
     t0, c0 = time.perf_counter(), time.process_time()
     metrics, _ = steps(WARMUP, args.steps)
@@ -95,7 +105,14 @@ def run_mode(args) -> dict:
     return {"mode": args.mode, "devices": [str(d) for d in devices], "trainings": len(runs),
             "batch_per_training": batch, "ms_per_batch": 1e3 * wall / args.steps,
             "images_per_second": args.batch_size * args.steps / wall,
-            "cores_busy": cpu / wall, "losses": losses}
+            "cores_busy": cpu / wall, "losses": losses,
+            "collectives_per_step": collectives(program)}
+
+
+def collectives(hlo_text: str) -> dict[str, int]:
+    """How many cross-device collectives of each kind a compiled HLO program holds."""
+    counts = collections.Counter(COLLECTIVE.findall(hlo_text))
+    return {kind: counts[kind] for kind in sorted(counts)}
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -74,7 +74,10 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 def interpreter_versions(python: str) -> dict:
     """The Python and JAX versions of interpreter ``python`` (a clear error if it has none)."""
-    proc = subprocess.run([python, "-c", VERSION_PROBE], capture_output=True, text=True)
+    try:
+        proc = subprocess.run([python, "-c", VERSION_PROBE], capture_output=True, text=True)
+    except OSError as e:
+        raise ValueError(f"interpreter {python!r} cannot run the benchmark: {e}") from e
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ValueError(f"interpreter {python!r} cannot run the benchmark: {tail}")
