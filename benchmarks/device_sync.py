@@ -35,12 +35,11 @@ import pathlib
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks.peer_training import REPO, environment, write_json
+from benchmarks.peer_training import environment, finish_driver, run_child, write_json
 from benchmarks.step_parts import LOSSES, MODELS, batch_indices, git_state
 
 MODES = ("synchronised", "independent")
@@ -193,27 +192,21 @@ def main(argv=None) -> int:
                        "--batch-size", str(args.batch_size), "--loss", args.loss,
                        "--devices", str(args.devices), "--images", str(args.images),
                        "--steps", str(args.steps)]
-                proc = subprocess.run(cmd, cwd=REPO)
-                if proc.returncode != 0 or not out.exists():
-                    failed.append(f"{mode} (alternation {rep + 1}): exit {proc.returncode}")
+                run, error = run_child(cmd, out)
+                if run is None:
+                    failed.append(f"{mode} (alternation {rep + 1}): {error}")
                     continue
-                run = json.loads(out.read_text()) | {"repeat": rep + 1}
+                run |= {"repeat": rep + 1}
                 doc["runs"].append(run)
                 print(f"[{rep + 1}/{args.repeat}] {mode}: {run['ms_per_batch']:.1f} ms per "
                       f"batch, {run['cores_busy']:.2f} cores busy", flush=True)
     doc["summary"] = summarise(doc["runs"])
-    if args.json and doc["runs"]:
-        write_json(pathlib.Path(args.json), doc)
     env = doc["environment"]
     header = (f"{args.model}, batch {args.batch_size}, {args.loss} loss, {args.devices} CPU "
               f"devices on {env['cpu_count']} cores ({env['cpu']}), jax "
               f"{env['versions']['jax']}; commit {doc['git']['commit']}"
               + (" (with local changes)" if doc["git"]["dirty"] else ""))
-    print()
-    print(markdown(doc["summary"], header))
-    for f in failed:
-        print(f"FAILED: {f}", file=sys.stderr)
-    return 1 if failed else 0
+    return finish_driver(doc, args.json, markdown(doc["summary"], header), failed)
 
 
 if __name__ == "__main__":

@@ -555,12 +555,26 @@ def torch_checkpoint(path, model, optimizer, generator, epoch: int, step: int) -
                     "epoch": epoch, "step": step, "generator": generator.get_state()}, f)
 
 
-def run_child(cmd: list[str], run_json: pathlib.Path) -> tuple[dict | None, str | None]:
-    """Run one benchmark process; ``(its JSON result, None)`` or ``(None, the error)``."""
-    proc = subprocess.run(cmd, cwd=REPO)
+def run_child(cmd: list[str], run_json: pathlib.Path,
+              env: dict | None = None) -> tuple[dict | None, str | None]:
+    """Run one benchmark process (in ``env``, default this one's); ``(its JSON result,
+    None)`` or ``(None, the error)``."""
+    proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0 or not run_json.exists():
         return None, f"exit status {proc.returncode}"
     return json.loads(run_json.read_text()), None
+
+
+def finish_driver(doc: dict, json_path: str | None, table: str, failed: list[str]) -> int:
+    """End of a benchmark driver: write ``doc`` (if it has runs), print the table and the
+    failed runs; the exit status (1 if any failed)."""
+    if json_path and doc["runs"]:
+        write_json(pathlib.Path(json_path), doc)
+    print()
+    print(table)
+    for f in failed:
+        print(f"FAILED: {f}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_one(args) -> int:

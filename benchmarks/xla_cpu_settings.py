@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.peer_training import REPO, environment, write_json
+from benchmarks.peer_training import REPO, environment, finish_driver, run_child
 from benchmarks.step_parts import LOSSES, MODELS, git_state
 
 # name -> (XLA flags, extra arguments of the step_parts run)
@@ -190,29 +190,22 @@ def main(argv=None) -> int:
                            XLA_FLAGS=" ".join(filter(None, [base_flags, setting_flags])))
                 print(f"[{rep + 1}/{args.repeat}] {name}", flush=True)
                 t0 = time.perf_counter()
-                proc = subprocess.run(step_parts_command(python, args, extra, out),
-                                      cwd=REPO, env=env)
-                if proc.returncode != 0 or not out.exists():
-                    failed.append(f"{name} (alternation {rep + 1}): exit {proc.returncode}")
+                run, error = run_child(step_parts_command(python, args, extra, out), out, env)
+                if run is None:
+                    failed.append(f"{name} (alternation {rep + 1}): {error}")
                     continue
-                run = json.loads(out.read_text()) | {"setting": name, "repeat": rep + 1}
+                run |= {"setting": name, "repeat": rep + 1}
                 doc["runs"].append(run)
                 print(f"  step {statistics.median(run['times_ms']['step']):.1f} ms, "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
     doc["summary"] = summarise(doc["runs"])
-    if args.json and doc["runs"]:
-        write_json(pathlib.Path(args.json), doc)
     env = doc["environment"]
     header = (f"{args.model}, batch {args.batch_size}, {args.loss} loss, step and loop on "
               f"{args.jax_cpu_devices or 'the default'} CPU devices, {env['cpu_count']} "
               f"cores ({env['cpu']}); default: jax {env['versions']['jax']}, Python "
               f"{env['python']}; commit {doc['git']['commit']}"
               + (" (with local changes)" if doc["git"]["dirty"] else ""))
-    print()
-    print(markdown(doc["summary"], header))
-    for f in failed:
-        print(f"FAILED: {f}", file=sys.stderr)
-    return 1 if failed else 0
+    return finish_driver(doc, args.json, markdown(doc["summary"], header), failed)
 
 
 if __name__ == "__main__":
