@@ -1,5 +1,5 @@
 """One convolution's forward pass, input gradient and kernel gradient, in one piece and
-on batch chunks (:func:`jaxmetric.conv.batch_chunked_conv`), layer by layer.
+on batch chunks (:func:`jaxmetric.models.conv.batch_chunked_conv`), layer by layer.
 
     python -m benchmarks.conv_chunks --model homebrew --batch-size 256 \\
         --json benchmarks/results/conv-chunks-cpu.json
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from jax import lax
 
-    from jaxmetric.conv import batch_chunked_conv
+    from jaxmetric.models.conv import batch_chunked_conv
 
     def timed(f, *a):
         jax.block_until_ready(f(*a))

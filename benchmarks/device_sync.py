@@ -58,7 +58,7 @@ def run_mode(args) -> dict:
 
     from benchmarks.throughput import synthetic_dataset
     from jaxmetric import train
-    from jaxmetric.config import TrainConfig
+    from jaxmetric.train.config import TrainConfig
 
     train.use_cpu_devices(args.devices)
     devices = jax.devices()

@@ -5,8 +5,8 @@
 
 Runs ``python -m experiments.cifar10 --preset cpu --loss NAME --seed S`` (the homebrew
 CNN, the first 10,000 training and 2,000 test images, 10 epochs, batch 256) for each
-loss of :data:`jaxmetric.config.LOSSES` (or ``--losses``) and seed, one process at a
-time, each with the loss's defaults (``jaxmetric.config.LOSS_SPECS`` and the loss
+loss of :data:`jaxmetric.losses.registry.NAMES` (or ``--losses``) and seed, one process at a
+time, each with the loss's defaults (``jaxmetric.losses.registry.LOSSES`` and the loss
 function's own), and collects each run folder (:func:`benchmarks.collect_run.collect`:
 P@1 test→train, R-precision and MAP@R test→test, training seconds, images/s). Extra
 flags for every run go after ``--``. A finished run folder is collected again instead of
@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 from benchmarks.collect_run import collect
-from jaxmetric.config import LOSSES
+from jaxmetric.train.config import LOSSES
 from jaxmetric.utils import write_atomic
 
 

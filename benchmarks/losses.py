@@ -119,10 +119,10 @@ def _lecture_mask_loss(x, labels):
     """The lecture's construction: B×B distance matrix, B×B×B triplet mask, mean."""
     import jax.numpy as jnp
 
-    from jaxmetric import distances, masks
+    from jaxmetric import distances, mining
 
     d = distances.pairwise_squared_distances(x)
-    m = masks.triplet_mask(labels)
+    m = mining.triplet_mask(labels)
     per = jnp.maximum(d[:, :, None] - d[:, None, :] + MARGIN, 0.0)
     return jnp.sum(jnp.where(m, per, 0.0)) / jnp.maximum(jnp.sum(m), 1)
 

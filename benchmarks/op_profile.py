@@ -16,7 +16,7 @@ Reading the kinds: ``ynn_fusion`` is a convolution or matrix product run by YNNP
 ``convolution``/``conv_general_dilated...`` one run by Eigen; ``transpose_copy_fusion``
 copies a tensor into another layout (often fused with the element-wise work that makes
 it); ``concatenate``/``..._slice_fusion`` come from batch-chunked convolutions
-(:mod:`jaxmetric.conv`). Times are milliseconds per call summed over XLA's threads, so
+(:mod:`jaxmetric.models.conv`). Times are milliseconds per call summed over XLA's threads, so
 two threads busy at once count twice: the shares compare kinds of work, the wall time
 per call is reported beside them. Work a library hands to its own thread pool may not be
 inside an instruction's event; ``traced_over_wall`` shows how much the events cover.
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--conv-chunk-elements", type=int, metavar="N",
                    help="convolutions on batch chunks of at most N values (0: off; "
-                        "default: the backend's, see jaxmetric.conv)")
+                        "default: the backend's, see jaxmetric.models.conv)")
     p.add_argument("--reps", type=int, default=3, help="traced calls (after 2 untraced)")
     p.add_argument("--top", type=int, default=10, help="most expensive instructions to list")
     p.add_argument("--json")

@@ -252,7 +252,7 @@ def environment() -> dict:
 
 
 def jaxmetric_config(args, data_path):
-    from jaxmetric.config import TrainConfig
+    from jaxmetric.train.config import TrainConfig
 
     fields = dict(model="homebrew", embed_dim=EMBED_DIM, batch_size=BATCH_SIZE,
                   epochs=args.epochs, warmup_epochs=args.warmup_epochs, optimizer="sgd",
@@ -272,8 +272,9 @@ def jaxmetric_config(args, data_path):
 def run_jaxmetric(args, data_path) -> dict:
     import jax
 
-    from jaxmetric import data, models, report, sampling, train
-    from jaxmetric.conv import default_chunk_elements
+    from jaxmetric import data, models, report, train
+    from jaxmetric.models.conv import default_chunk_elements
+    from jaxmetric.train import sampling
 
     if args.jax_cpu_devices is not None:
         train.use_cpu_devices(args.jax_cpu_devices)

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from jaxmetric import evaluate as ev
-from jaxmetric import visualize as vz
+from jaxmetric.report import visualize as vz
 
 
 def make_data(n: int, dim: int, centres: np.ndarray, noise: float,

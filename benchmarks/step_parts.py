@@ -20,7 +20,7 @@ is timed as the median of ``--reps`` repetitions after warm-up (and compilation)
   respect to the parameters (no loss), jitted; PyTorch autograd.
 * ``augment``: gather the batch from the resident images, then pad-4 random crop,
   random flip and normalisation per example. jaxmetric: the same computation as inside
-  ``jaxmetric.train.train_step`` (``jaxmetric.augment.augment`` vmapped over examples
+  ``jaxmetric.train.train_step`` (``jaxmetric.train.augment.augment`` vmapped over examples
   with a key per example, ``fold_in(rng, i)``), jitted on its own; PyTorch:
   ``TorchAugment`` on ``images[idx]``.
 * ``loss_triplet`` / ``loss_contrastive``: loss and gradient with respect to
@@ -193,9 +193,9 @@ def run_jaxmetric(args) -> dict:
 
     from benchmarks.throughput import synthetic_dataset, whole_loop
     from jaxmetric import models, train
-    from jaxmetric.augment import augment, normalize
-    from jaxmetric.config import TrainConfig
+    from jaxmetric.train.augment import augment, normalize
     from jaxmetric.train.checkpoints import checkpoint_manager, save_checkpoint
+    from jaxmetric.train.config import TrainConfig
 
     if args.jax_cpu_devices:
         train.use_cpu_devices(args.jax_cpu_devices)
@@ -372,8 +372,8 @@ def torch_resnet18():
 def run_torch(args) -> dict:
     import torch
 
-    from jaxmetric.config import TrainConfig
     from jaxmetric.data import CIFAR10_MEAN, CIFAR10_STD
+    from jaxmetric.train.config import TrainConfig
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
@@ -665,7 +665,7 @@ def main(argv=None) -> int:
                         "(jaxmetric.train.use_cpu_devices); the parts stay on one")
     p.add_argument("--conv-chunk-elements", type=int, metavar="N",
                    help="jaxmetric's convolutions on batch chunks of at most N values "
-                        "(jaxmetric.conv; 0: off; default: TrainConfig's, chunked on CPU)")
+                        "(jaxmetric.models.conv; 0: off; default: TrainConfig's, chunked on CPU)")
     p.add_argument("--json", help="write the results here (with --side: that run's)")
     p.add_argument("--side", choices=SIDES, help="(internal) run one side in this process")
     args = p.parse_args(argv)

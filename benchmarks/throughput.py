@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments.presets import PRESETS
 from jaxmetric import data, train
-from jaxmetric.config import TrainConfig
+from jaxmetric.train.config import TrainConfig
 
 RUN_LENGTH_FIELDS = ("epochs", "warmup_epochs", "max_train", "max_test", "eval_every",
                      "checkpoint_every", "data_dir", "out")

@@ -14,7 +14,7 @@ interpreter) from the same run. A setting is
   one; the built-in ones are in :data:`SETTINGS`, e.g. ``eigen-convolutions`` hands the
   convolutions that jaxlib 0.10 runs in YNNPACK to Eigen instead),
 * jaxmetric's own one-piece convolutions (``one-piece-convolutions``: no batch chunks,
-  :mod:`jaxmetric.conv`), or
+  :mod:`jaxmetric.models.conv`), or
 * another Python interpreter with another JAX install (``--interpreter NAME=PATH``; it
   imports this working tree's jaxmetric through ``PYTHONPATH`` and needs jax, flax,
   optax, orbax-checkpoint and tqdm).

@@ -36,11 +36,11 @@ from __future__ import annotations
 import sys
 
 from experiments import driver
-from jaxmetric.config import TrainConfig
+from jaxmetric.train.config import TrainConfig
 
 
 def build_parser():
-    """The command line: one flag per :class:`TrainConfig` field (:mod:`jaxmetric.flags`)
+    """The command line: one flag per :class:`TrainConfig` field (:mod:`jaxmetric.train.flags`)
     plus ``--preset`` and the flags that are not part of the config
     (:func:`experiments.driver.build_parser`)."""
     return driver.build_parser("python -m experiments.cifar10", __doc__, "cifar10")
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
 def run(args, parser, config) -> int:
     """Load CIFAR-10 (split by class with ``--unseen-classes``), train, evaluate and
     report: :func:`main` after parsing and logging set-up."""
-    from jaxmetric import data, splits
-
+    from jaxmetric import data
+    from jaxmetric.data import splits
     def load():
         dataset = data.load_cifar10(config.data_dir, max_train=config.max_train,
                                     max_test=config.max_test)

@@ -1,7 +1,7 @@
 """What the experiments' command lines share: flags, logging, train -> evaluate -> report.
 
-* :func:`build_parser` -- one flag per :class:`~jaxmetric.config.TrainConfig` field
-  (:mod:`jaxmetric.flags`), ``--preset`` and the flags that are not part of the config,
+* :func:`build_parser` -- one flag per :class:`~jaxmetric.train.config.TrainConfig` field
+  (:mod:`jaxmetric.train.flags`), ``--preset`` and the flags that are not part of the config,
   plus the multi-process flags; an experiment adds its own data flags to the parser;
 * :func:`config_from_args` -- defaults, then the preset, then the flags typed;
 * :func:`main` -- parse, set up logging, run (log lines through tqdm);
@@ -11,7 +11,7 @@
 
 Both experiments evaluate what a loader returns: a whole :class:`~jaxmetric.data.Dataset`
 (trained on and evaluated on the same classes), or a
-:class:`~jaxmetric.splits.ClassSplit` (trained on its training classes, every metric --
+:class:`~jaxmetric.data.splits.ClassSplit` (trained on its training classes, every metric --
 the per-epoch P@1 included -- measured on the held-out classes).
 """
 
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from experiments.presets import PRESETS
-from jaxmetric import flags
-from jaxmetric.config import TrainConfig
+from jaxmetric.train import flags
+from jaxmetric.train.config import TrainConfig
 
 __all__ = ["build_parser", "config_from_args", "main", "out_given", "setup_logging",
            "train_and_report"]
@@ -50,7 +50,7 @@ def build_parser(prog: str, description: str, run_name: str) -> argparse.Argumen
                         "of cores, so the data-parallel step runs N shards at once (same "
                         "result; the batch must divide by N)")
     flags.add_config_arguments(p.add_argument_group(
-        "training configuration (jaxmetric.config.TrainConfig; without --out the run "
+        "training configuration (jaxmetric.train.config.TrainConfig; without --out the run "
         f"folder is runs/{run_name}-<loss>-<time>)"), required=("loss",))
     dist = p.add_argument_group("several processes (see README, 'More than one machine')")
     dist.add_argument("--coordinator", help="HOST:PORT of process 0 (env JAXMETRIC_COORDINATOR)")
@@ -142,8 +142,8 @@ def train_and_report(args, parser, config: TrainConfig, load: Callable[[], Any],
 
     import jax
 
-    from jaxmetric import data, report, splits, train
-
+    from jaxmetric import data, report, train
+    from jaxmetric.data import splits
     progress = not args.no_progress
     try:
         loaded = load()

@@ -1,4 +1,4 @@
-"""Named training recipes: each is a dict of :class:`jaxmetric.config.TrainConfig` fields.
+"""Named training recipes: each is a dict of :class:`jaxmetric.train.config.TrainConfig` fields.
 
 ``python -m experiments.cifar10 --preset NAME`` starts from the defaults, puts the
 preset's values on top and then the flags typed on the command line, so an explicit

@@ -6,7 +6,7 @@ retrieval on the classes it never saw (the deep-metric-learning protocol).
         --train-class-list cat,dog,frog --test-class-list ship,truck
     python -m experiments.retrieval --loss triplet --tfds caltech_birds2011 --image-size 224
 
-**Data.** ``--data-dir`` takes an image-folder tree (:mod:`jaxmetric.folders`):
+**Data.** ``--data-dir`` takes an image-folder tree (:mod:`jaxmetric.data.folders`):
 
 * ``TREE/<class>/*.jpg|png`` -- the training classes' images are trained on; every
   image of a held-out class queries all the other held-out images (leave-one-out);
@@ -19,7 +19,7 @@ retrieval on the classes it never saw (the deep-metric-learning protocol).
 Classes are sorted by name; ``--train-classes N`` trains on the first N and holds out
 the rest, ``--train-class-list a,b,c`` (with ``--test-class-list``, default: every other
 class) names them. ``--tfds NAME`` instead reads a tensorflow-datasets benchmark with
-its standard split (:mod:`jaxmetric.tfds_benchmarks`):
+its standard split (:mod:`jaxmetric.data.tfds_benchmarks`):
 
     caltech_birds2011          CUB-200-2011: classes 1-100 train, 101-200 held out
     cars196                    Cars196: classes 1-98 train, 99-196 held out
@@ -62,8 +62,8 @@ def _class_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     """The shared command line (:func:`experiments.driver.build_parser`) plus the data
     flags of this experiment."""
-    from jaxmetric.folders import CHANNELS
-    from jaxmetric.tfds_benchmarks import BENCHMARKS
+    from jaxmetric.data.folders import CHANNELS
+    from jaxmetric.data.tfds_benchmarks import BENCHMARKS
 
     p = driver.build_parser("python -m experiments.retrieval", __doc__, "retrieval")
     g = p.add_argument_group("data (an image-folder tree in --data-dir, or --tfds)")
@@ -112,14 +112,13 @@ def run(args, parser, config) -> int:
                      + ", ".join("--" + f.replace("_", "-") for f in chosen))
 
     def load():
-        from jaxmetric import splits
-
+        from jaxmetric.data import splits
         if args.tfds is not None:
-            from jaxmetric.tfds_benchmarks import load_tfds
+            from jaxmetric.data.tfds_benchmarks import load_tfds
 
             split = load_tfds(args.tfds, image_size=args.image_size, channels=args.channels)
         else:
-            from jaxmetric.folders import load_folder
+            from jaxmetric.data.folders import load_folder
 
             split = load_folder(config.data_dir, image_size=args.image_size,
                                 channels=args.channels, train_classes=args.train_classes,

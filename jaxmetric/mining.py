@@ -70,6 +70,16 @@ NaN-aware float sort, and this limits a row to 65,536 entries.
 ``max`` / sort and write +1 / -1 weights for each active triplet. Where several
 entries tie for a ``min`` or ``max``, the weight is shared equally among them (the
 gradient ``jnp.min`` / ``jnp.max`` would give).
+
+**The lecture's masks** (:func:`positive_mask`, :func:`negative_mask`,
+:func:`triplet_mask`). The boolean tables the selection starts from, built with
+broadcasting and no Python loops as in the lecture (Kak & Bouman, section 4): compare
+the label vector as a column with itself as a row, ``labels[:, None] == labels[None, :]``,
+and remove the diagonal with ``~eye(B)``; ``valid`` (bool (B,)) drops padded rows from
+every pair and triplet. The losses build the same (B, B) masks for a shard of anchors
+against the global batch (:func:`jaxmetric.losses.pair_batch.pair_masks`); the (B, B, B)
+triplet mask is the lecture's reference construction, kept for tests and teaching: no
+loss builds it.
 """
 
 from __future__ import annotations
@@ -84,6 +94,9 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "negative_mask",
+    "positive_mask",
+    "triplet_mask",
     "MAX_ROW_LENGTH",
     "MODES",
     "Mined",
@@ -344,3 +357,60 @@ def mine(strategy: Strategy, d: jax.Array, pos: jax.Array, neg: jax.Array, *,
     chex.assert_shape([num_selected, num_active], (rows,),
                       custom_message="mining counts must be scalars per anchor")
     return Mined(*(jax.lax.stop_gradient(jnp.asarray(x).astype(jnp.float32)) for x in out))
+
+
+# ------------------------------------------------------------- the lecture's masks
+
+
+
+def _valid_or_all(labels: jax.Array, valid) -> jax.Array:
+    if valid is None:
+        return jnp.ones(labels.shape, dtype=bool)
+    valid = jnp.asarray(valid)
+    if valid.shape != labels.shape:
+        raise ValueError(f"valid must have shape {labels.shape}; got {valid.shape}")
+    if valid.dtype != jnp.bool_:
+        raise TypeError(f"valid must be a boolean array; got dtype {valid.dtype}")
+    return valid
+
+
+def _labels_vector(labels) -> jax.Array:
+    labels = jnp.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must have shape (B,); got shape {labels.shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integers; got dtype {labels.dtype}")
+    return labels
+
+
+def positive_mask(labels, valid=None) -> jax.Array:
+    """``m[i, j]`` = labels[i] == labels[j] and i != j, both rows valid. bool (B, B)."""
+    labels = _labels_vector(labels)
+    valid = _valid_or_all(labels, valid)
+    same = labels[:, None] == labels[None, :]
+    distinct = ~jnp.eye(labels.shape[0], dtype=bool)
+    return same & distinct & valid[:, None] & valid[None, :]
+
+
+def negative_mask(labels, valid=None) -> jax.Array:
+    """``m[i, j]`` = labels[i] != labels[j], both rows valid. bool (B, B)."""
+    labels = _labels_vector(labels)
+    valid = _valid_or_all(labels, valid)
+    return (labels[:, None] != labels[None, :]) & valid[:, None] & valid[None, :]
+
+
+def triplet_mask(labels, valid=None) -> jax.Array:
+    """The lecture's valid-triplet mask ``m[a, p, n]``, bool (B, B, B).
+
+    True where a, p, n are distinct, labels[a] == labels[p], labels[a] != labels[n],
+    and all three rows are valid. Memory is B³ bytes: a reference, not for training.
+    """
+    labels = _labels_vector(labels)
+    valid = _valid_or_all(labels, valid)
+    b = labels.shape[0]
+    not_eye = ~jnp.eye(b, dtype=bool)
+    distinct = not_eye[:, :, None] & not_eye[:, None, :] & not_eye[None, :, :]
+    same_ap = (labels[:, None] == labels[None, :])[:, :, None]
+    diff_an = (labels[:, None] != labels[None, :])[:, None, :]
+    ok = valid[:, None, None] & valid[None, :, None] & valid[None, None, :]
+    return distinct & same_ap & diff_an & ok

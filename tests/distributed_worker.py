@@ -28,7 +28,7 @@ EPOCHS = 3
 
 
 def config(out_dir):
-    from jaxmetric.config import TrainConfig
+    from jaxmetric.train.config import TrainConfig
 
     return TrainConfig(model="homebrew", embed_dim=16, batch_size=16, epochs=EPOCHS,
                        warmup_epochs=0.5, lr=0.1, log_every=1, eval_every=1,

@@ -2,7 +2,7 @@
 
 Written straight from the papers' formulas, one (row, class) pair at a time, with no
 log-sum-exp tricks (the test inputs keep the exponentials in range): the readable
-specification that ``jaxmetric.proxy_losses`` and ``jaxmetric.margin_softmax_losses``
+specification that ``jaxmetric.losses.proxy`` and ``jaxmetric.losses.margin_softmax``
 are tested against. A zero vector has cosine 0 with everything, as in the library.
 
 Each oracle returns ``(loss, per_row_or_None, counts)``; ``counts`` holds the info

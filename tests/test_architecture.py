@@ -1,5 +1,12 @@
-"""The shape of the package: imports go one way, and private names stay in their module.
+"""The shape of the package: roles in packages, imports one way, private names at home.
 
+* **Rooms by role.** The top level holds only the core every role shares: modules that
+  at least two packages import (``utils``, ``parallel``, ``distributed``) and the
+  public core roles re-exported by ``jaxmetric/__init__.py`` (``distances``,
+  ``mining``). Everything else lives in its package: ``losses``, ``models``, ``data``,
+  ``evaluate``, ``train``, ``report``.
+* **Floors.** Packages form layers (:data:`LAYERS`) and every import between two of
+  them goes to a lower floor.
 * No module of ``jaxmetric`` uses another module's private names (``_x``): neither
   ``from jaxmetric.m import _x`` nor ``m._x``, nor a private module (``jaxmetric._m``).
   What modules share is public and lives where its concern lives (shared helpers in
@@ -210,15 +217,76 @@ def _private_uses(module: str) -> set[tuple[str, str]]:
 # ------------------------------------------------------------------------- the rules
 
 
+LAYERS = {
+    "utils": 0, "parallel": 0,
+    "distances": 1, "mining": 1, "distributed": 1,
+    "losses": 2, "models": 2, "data": 2, "evaluate": 2,
+    "train": 3,
+    "report": 4,
+}
+"""The floor of each top-level module or package: imports go to a lower floor only."""
+
+CORE_ROLES = {"distances", "mining"}
+"""Top-level modules that are public roles of the core (``jaxmetric/__init__.py``)."""
+
+
+def _room(module: str) -> str:
+    """The top-level module or package of ``jaxmetric.x.y`` (``"x"``)."""
+    return module.split(".")[1] if "." in module else "jaxmetric"
+
+
 def test_the_reader_sees_the_package():
-    assert {"jaxmetric", "jaxmetric.evaluate", "jaxmetric.evaluate.knn", "jaxmetric.report",
-            "jaxmetric.visualize", "jaxmetric.utils"} <= set(MODULES)
+    assert {"jaxmetric", "jaxmetric.losses", "jaxmetric.losses.triplet",
+            "jaxmetric.losses.registry", "jaxmetric.models", "jaxmetric.data",
+            "jaxmetric.evaluate", "jaxmetric.evaluate.knn", "jaxmetric.report",
+            "jaxmetric.report.visualize", "jaxmetric.train", "jaxmetric.utils"} <= set(MODULES)
     graph = _graph(top_level=True)
-    assert "jaxmetric.evaluate" in graph["jaxmetric.visualize"]
+    assert "jaxmetric.evaluate" in graph["jaxmetric.report.visualize"]
     assert "jaxmetric.evaluate.knn" in graph["jaxmetric.evaluate.protocols"]
     lazy = _graph(top_level=False)
     assert "jaxmetric.train" in lazy["jaxmetric.report.run"]
     assert "jaxmetric.train" not in graph["jaxmetric.report.run"]
+
+
+def test_every_room_has_a_floor():
+    rooms = {_room(m) for m in MODULES} - {"jaxmetric"}
+    assert rooms == set(LAYERS), "a top-level module or package without a floor in LAYERS"
+
+
+def test_imports_go_down_the_floors():
+    bad = sorted(f"{m} -> {t}" for m, targets in _graph(top_level=False).items()
+                 for t in targets
+                 if _room(m) != "jaxmetric" and _room(t) != "jaxmetric" and _room(m) != _room(t)
+                 and LAYERS[_room(t)] >= LAYERS[_room(m)])
+    assert bad == [], "imports that go up or sideways: " + ", ".join(bad)
+
+
+def test_top_level_modules_are_shared_or_core_roles():
+    """A top-level module that only one package uses belongs in that package."""
+    graph = _graph(top_level=False)
+    lonely = []
+    for module in MODULES:
+        if module.count(".") != 1 or _is_package(module) or _room(module) in CORE_ROLES:
+            continue
+        users = {_room(u) for u, targets in graph.items()
+                 if module in targets and _room(u) not in (_room(module), "jaxmetric")}
+        if len(users) < 2:
+            lonely.append(f"{module} (used by {sorted(users) or 'nothing'})")
+    assert lonely == [], "top-level modules one package uses: " + ", ".join(lonely)
+
+
+def test_the_floor_checks_catch_an_upward_import(tmp_path, monkeypatch):
+    fake = tmp_path / "jaxmetric" / "losses" / "fake.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("from jaxmetric.train import fit\n")
+    monkeypatch.setitem(MODULES, "jaxmetric.losses.fake", fake)
+    with pytest.raises(AssertionError, match="jaxmetric.losses.fake -> jaxmetric.train"):
+        test_imports_go_down_the_floors()
+    lone = tmp_path / "jaxmetric" / "lonely.py"
+    lone.write_text("X = 1\n")
+    monkeypatch.setitem(MODULES, "jaxmetric.lonely", lone)
+    with pytest.raises(AssertionError, match="jaxmetric.lonely"):
+        test_top_level_modules_are_shared_or_core_roles()
 
 
 def test_no_private_names_across_modules():
@@ -260,7 +328,7 @@ def _loaded_by(statement: str) -> list[str]:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-HEAVY = ("jaxmetric.report", "jaxmetric.visualize", "jaxmetric.train", "jaxmetric.data",
+HEAVY = ("jaxmetric.report", "jaxmetric.report.visualize", "jaxmetric.train", "jaxmetric.data",
          "jaxmetric.models", "orbax", "flax.training", "optax", "faiss", "sklearn", "tqdm",
          "matplotlib", "openTSNE", "tensorflow")
 
@@ -272,9 +340,10 @@ def test_importing_evaluate_loads_no_upper_layer_or_optional_dependency():
     assert bad == []
 
 
-def test_importing_visualize_loads_neither_report_nor_training():
-    loaded = _loaded_by("import jaxmetric.visualize")
-    upper = ("jaxmetric.report", "jaxmetric.train", "jaxmetric.data", "orbax", "flax.training")
+def test_importing_the_pictures_loads_neither_training_nor_data():
+    loaded = _loaded_by("import jaxmetric.report.visualize")
+    assert "jaxmetric.report.visualize" in loaded
+    upper = ("jaxmetric.train", "jaxmetric.data", "orbax", "flax.training")
     assert [m for m in loaded if any(m == u or m.startswith(u + ".") for u in upper)] == []
 
 

@@ -1,4 +1,4 @@
-"""Tests for jaxmetric.augment: crop/flip/normalise against a NumPy reference."""
+"""Tests for jaxmetric.train.augment: crop/flip/normalise against a NumPy reference."""
 
 import functools
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmetric.augment import (
+from jaxmetric.data import CIFAR10_MEAN, CIFAR10_STD
+from jaxmetric.train.augment import (
     RESIZED_CROP_RATIO,
     RESIZED_CROP_SCALE,
     augment_resized,
@@ -16,9 +17,8 @@ from jaxmetric.augment import (
     sample_crop_flip,
     sample_resized_crop,
 )
-from jaxmetric.augment import augment as augment_with_stats
-from jaxmetric.augment import normalize as normalize_with_stats
-from jaxmetric.data import CIFAR10_MEAN, CIFAR10_STD
+from jaxmetric.train.augment import augment as augment_with_stats
+from jaxmetric.train.augment import normalize as normalize_with_stats
 
 MEAN = np.asarray(CIFAR10_MEAN, np.float32)
 STD = np.asarray(CIFAR10_STD, np.float32)

@@ -92,7 +92,7 @@ def test_cli_missing_and_corrupt_data(tmp_path, isolated_cache, capsys):
 
 
 def test_module_entry_points_show_help():
-    for module in ("experiments.cifar10", "experiments.retrieval", "jaxmetric.evaluate"):
+    for module in ("experiments.cifar10", "experiments.retrieval", "jaxmetric.report"):
         done = subprocess.run([sys.executable, "-m", module, "--help"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
@@ -174,7 +174,7 @@ def test_help_examples_run_at_a_small_budget(cifar_tarball, tmp_path, isolated_c
 def _fields():
     import dataclasses
 
-    from jaxmetric.config import TrainConfig
+    from jaxmetric.train.config import TrainConfig
 
     return dataclasses.fields(TrainConfig)
 
@@ -195,19 +195,25 @@ def test_every_config_field_has_a_flag_with_help():
 
 
 def test_flags_left_out_take_the_config_defaults():
-    from jaxmetric.config import TrainConfig
+    from jaxmetric.train.config import TrainConfig
 
     config = _config(["--loss", "triplet", "--out", "x"])
     assert config == TrainConfig(loss="triplet", out="x")
     assert _config(["--loss", "triplet"]).out.startswith("runs/cifar10-triplet-")
 
 
-def test_bool_flags_and_their_historic_spellings():
+def test_bool_flags_and_the_distance_flag(capsys):
     base = ["--loss", "triplet"]
-    assert _config(base).squared and _config(base).augment
-    assert not _config([*base, "--euclidean"]).squared
-    assert not _config([*base, "--no-squared"]).squared
-    assert _config([*base, "--euclidean", "--squared"]).squared  # the last one wins
+    assert _config(base).distance is None and _config(base).augment
+    assert _config(base).loss_kwargs["distance"] == "squared_l2"
+    assert _config([*base, "--distance", "cosine"]).loss_kwargs["distance"] == "cosine"
+    assert _config(["--loss", "contrastive"]).loss_kwargs["distance"] == "l2"
+    for old, new in [("--euclidean", "--distance l2"), ("--no-squared", "--distance l2"),
+                     ("--squared", "--distance squared_l2")]:
+        with pytest.raises(SystemExit) as exit_info:
+            _config([*base, old])
+        assert exit_info.value.code == 2
+        assert f"{old} is now {new}" in capsys.readouterr().err
     assert not _config([*base, "--no-augment"]).augment
     assert _config([*base, "--no-augment", "--augment"]).augment
 
@@ -240,7 +246,7 @@ def test_preset_cpu_and_explicit_flags_override_it():
 
 def test_presets_are_valid_configs():
     from experiments.presets import PRESETS
-    from jaxmetric.config import TrainConfig
+    from jaxmetric.train.config import TrainConfig
 
     names = {f.name for f in _fields()}
     for name, values in PRESETS.items():

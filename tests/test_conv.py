@@ -1,4 +1,4 @@
-"""Tests for jaxmetric.conv: the batch-chunked convolution equals lax's, values and
+"""Tests for jaxmetric.models.conv: the batch-chunked convolution equals lax's, values and
 gradients, under jit / vmap / grad, and in the models."""
 
 import jax
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxmetric.config import TrainConfig
-from jaxmetric.conv import (
+from jaxmetric.models import create_model
+from jaxmetric.models.conv import (
     DEFAULT_CHUNK_ELEMENTS,
     batch_chunked_conv,
     check_chunk_elements,
@@ -16,7 +16,7 @@ from jaxmetric.conv import (
     conv_fn,
     default_chunk_elements,
 )
-from jaxmetric.models import create_model
+from jaxmetric.train.config import TrainConfig
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 TOL = dict(rtol=2e-5, atol=2e-5)

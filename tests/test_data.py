@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmetric import data
 from jaxmetric.data import CIFAR10_CLASSES, DataError, Dataset, Split, balanced_subset, load_cifar10
+from jaxmetric.data import cifar10 as data
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -1,4 +1,4 @@
-"""jaxmetric.folders and experiments.retrieval: image-folder trees split by class, and the
+"""jaxmetric.data.folders and experiments.retrieval: image-folder trees split by class, and the
 tfds benchmarks' splits."""
 
 import json
@@ -8,8 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from jaxmetric import folders, tfds_benchmarks
-from jaxmetric.data import DataError
+from jaxmetric.data import DataError, folders, tfds_benchmarks
 from jaxmetric.train import InputSpec
 
 

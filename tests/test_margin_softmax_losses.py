@@ -1,4 +1,4 @@
-"""ArcFace and CosFace (jaxmetric.margin_softmax_losses) against float64 loop oracles
+"""ArcFace and CosFace (jaxmetric.losses.margin_softmax) against float64 loop oracles
 written from the papers, pytorch-metric-learning, and the contract of every loss."""
 
 import doctest
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmetric import losses, margin_softmax_losses
+from jaxmetric import losses
+from jaxmetric.losses import margin_softmax as margin_softmax_losses
 
 import class_loss_checks as checks
 import oracles_proxy as oracles

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from jaxmetric import monitor
+from jaxmetric.train import monitor
 
 
 @pytest.mark.parametrize("seconds,text", [

@@ -19,15 +19,15 @@ import optax
 import pytest
 
 from jaxmetric import train
-from jaxmetric.augment import normalize
-from jaxmetric.config import TrainConfig
 from jaxmetric.models import BottleneckResNetBlock, ResNetBlock, create_model
-from jaxmetric.pretrained import (
+from jaxmetric.models.pretrained import (
     describe_state_dict,
     load_torchvision_resnet,
     read_state_dict,
     torchvision_name,
 )
+from jaxmetric.train.augment import normalize
+from jaxmetric.train.config import TrainConfig
 
 torch = pytest.importorskip("torch")
 

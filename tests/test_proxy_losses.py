@@ -1,4 +1,4 @@
-"""Proxy-Anchor and Proxy-NCA (jaxmetric.proxy_losses) against float64 loop oracles
+"""Proxy-Anchor and Proxy-NCA (jaxmetric.losses.proxy) against float64 loop oracles
 written from the papers, pytorch-metric-learning, and the contract of every loss."""
 
 import doctest
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmetric import losses, proxy_losses
+from jaxmetric import losses
+from jaxmetric.losses import proxy as proxy_losses
 
 import class_loss_checks as checks
 import oracles_proxy as oracles

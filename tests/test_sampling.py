@@ -1,11 +1,11 @@
-"""Tests for jaxmetric.sampling: shapes, coverage, P x K structure, errors, determinism."""
+"""Tests for jaxmetric.train.sampling: shapes, coverage, P x K structure, errors, determinism."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxmetric.sampling import class_balanced_batches, shuffled_batches, steps_per_epoch
+from jaxmetric.train.sampling import class_balanced_batches, shuffled_batches, steps_per_epoch
 
 
 def rng(seed=0):

@@ -1,4 +1,4 @@
-"""supcon_loss and ntxent_loss (jaxmetric.softmax_losses) against their float64 loop
+"""supcon_loss and ntxent_loss (jaxmetric.losses.softmax) against their float64 loop
 oracles, under jit / vmap / grad / shard_map / pmap, on degenerate batches, and against
 pytorch-metric-learning where it is installed."""
 
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmetric import losses, softmax_losses
+from jaxmetric import losses
+from jaxmetric.losses import softmax as softmax_losses
 
 import oracles_pair_losses as oracles
 import pair_loss_checks as checks

@@ -1,10 +1,9 @@
-"""jaxmetric.splits: class-disjoint splits, their choice by count or by name, and errors."""
+"""jaxmetric.data.splits: class-disjoint splits, their choice by count or by name, and errors."""
 
 import numpy as np
 import pytest
 
-from jaxmetric import splits
-from jaxmetric.data import Dataset, Split, channel_stats
+from jaxmetric.data import Dataset, Split, channel_stats, splits
 
 NAMES = tuple(f"c{i}" for i in range(6))
 

@@ -16,10 +16,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmetric import monitor, train
-from jaxmetric.config import TrainConfig
+from jaxmetric import train
 from jaxmetric.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, Split
 from jaxmetric.models import create_model
+from jaxmetric.train import monitor
+from jaxmetric.train.config import TrainConfig
 
 NUM_CLASSES = 4
 WIDTHS = (8, 16)  # homebrew widths for the step tests: fast to compile and run
@@ -275,7 +276,7 @@ def test_embed_fn_pads_and_matches_model(uninterrupted):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     model = create_model("homebrew", embed_dim=16)
-    from jaxmetric.augment import normalize
+    from jaxmetric.train.augment import normalize
     # The state normalises with the training data's statistics (computed: no preset ones).
     mean, std = tiny_dataset().normalization
     assert state.inputs == train.InputSpec((32, 32, 3), mean, std)

@@ -1,9 +1,9 @@
-"""Tests of jaxmetric.visualize: files are valid PNGs with the expected content."""
+"""Tests of jaxmetric.report.visualize: files are valid PNGs with the expected content."""
 
 import numpy as np
 import pytest
 
-from jaxmetric import visualize as vz
+from jaxmetric.report import visualize as vz
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,5 +1,5 @@
 """multi_similarity_loss, circle_loss, lifted_structure_loss and margin_loss
-(jaxmetric.weighted_pair_losses) against their float64 loop oracles, under jit / vmap /
+(jaxmetric.losses.weighted_pair) against their float64 loop oracles, under jit / vmap /
 grad / shard_map / pmap, on degenerate batches, and against pytorch-metric-learning
 where it is installed."""
 
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmetric import losses, weighted_pair_losses
+from jaxmetric import losses
+from jaxmetric.losses import weighted_pair as weighted_pair_losses
 
 import oracles_pair_losses as oracles
 import pair_loss_checks as checks

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmetric import losses, xbm
+from jaxmetric import losses
+from jaxmetric.losses import xbm
 
 
 def _deque_oracle(size, batches):

@@ -20,7 +20,7 @@ concern per module, all names re-exported here:
   training set, and test-vs-test leave-one-out) and the clustering.
 
 The markdown report of a run is written by :mod:`jaxmetric.report`, and
-``python -m jaxmetric.evaluate RUN_DIR`` re-evaluates a saved run (see
+``python -m jaxmetric.report RUN_DIR`` re-evaluates a saved run (see
 :func:`jaxmetric.report.main`).
 
 Distances are squared Euclidean. For L2-normalised embeddings (what :func:`embed`

@@ -1,4 +1,4 @@
-"""``python -m jaxmetric.evaluate RUN_DIR``: re-evaluate a saved run without training.
+"""``python -m jaxmetric.report RUN_DIR``: re-evaluate a saved run without training.
 
 Restores the run's checkpoint (the latest, or ``--epoch``), loads the data it was trained
 on (or ``--data-dir``), and writes ``metrics.json``, ``report.md`` and the pictures again
@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 def main(argv=None) -> int:
     """The command line; returns the exit status (1 for a missing run or data)."""
-    p = argparse.ArgumentParser(prog="python -m jaxmetric.evaluate",
+    p = argparse.ArgumentParser(prog="python -m jaxmetric.report",
                                 description="Re-evaluate a saved jaxmetric run.")
     p.add_argument("run_dir", help="a run folder written by python -m experiments.cifar10")
     p.add_argument("--epoch", type=int, help="checkpoint epoch (default: the latest)")
@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from jaxmetric import data, splits, train
-
+    from jaxmetric import data, train
+    from jaxmetric.data import splits
     split = None
     try:
         config = train.load_config(args.run_dir)

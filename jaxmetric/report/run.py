@@ -1,7 +1,7 @@
 """Evaluate a trained run: embed both splits, score, draw the pictures, write the files.
 
 The glue between :mod:`jaxmetric.train` (the model), :mod:`jaxmetric.evaluate` (FAISS
-retrieval metrics), :mod:`jaxmetric.visualize` (pictures) and
+retrieval metrics), :mod:`jaxmetric.report.visualize` (pictures) and
 :mod:`jaxmetric.report.markdown` (``report.md``). Training code is imported only inside
 the functions that use a trained state, so that importing this module stays light.
 """
@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmetric import distributed, evaluate, visualize
+from jaxmetric import distributed, evaluate
+from jaxmetric.report import visualize
 from jaxmetric.report.markdown import write_report
 from jaxmetric.utils import write_atomic
 
@@ -55,7 +56,7 @@ def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False, what: str
 
     Test queries against the training set with an exact FAISS index (the lecture's P@1),
     or leave-one-out among the test images when ``dataset`` has no training images (the
-    held-out side of a :class:`jaxmetric.splits.ClassSplit` without a gallery). For the
+    held-out side of a :class:`jaxmetric.data.splits.ClassSplit` without a gallery). For the
     class-disjoint protocol pass the held-out side (``ClassSplit.eval``): the P@1 is then
     measured on classes never trained on. ``precision_at_1_of`` says what was measured
     (``what``, else the protocol); computed on process 0 and broadcast, so every process
@@ -102,7 +103,7 @@ def evaluate_state(
     in ``metrics["run"]["dataset"]`` by ``dataset.description`` where it has one.
 
     For the class-disjoint protocol pass the held-out side of a
-    :class:`jaxmetric.splits.ClassSplit` as ``dataset`` and its ``describe()`` as
+    :class:`jaxmetric.data.splits.ClassSplit` as ``dataset`` and its ``describe()`` as
     ``split`` (recorded as ``metrics["split"]``): every number is then measured on
     classes never trained on. A ``dataset`` without training images (no gallery) gets
     the leave-one-out protocol only, and its neighbours picture shows test images

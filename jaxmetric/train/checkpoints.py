@@ -26,7 +26,7 @@ import pathlib
 import jax
 from jax.sharding import Mesh
 
-from jaxmetric.config import TrainConfig
+from jaxmetric.train.config import TrainConfig
 from jaxmetric.train.mesh import make_mesh
 from jaxmetric.train.state import InputSpec, TrainState, initial_state
 

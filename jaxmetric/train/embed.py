@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmetric import distributed
-from jaxmetric.augment import normalize
+from jaxmetric.train.augment import normalize
 from jaxmetric.train.mesh import AXIS, make_mesh
 from jaxmetric.train.state import InputSpec, TrainState
 from jaxmetric.train.step import eval_view

@@ -23,14 +23,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmetric import distributed, monitor, sampling
-from jaxmetric.config import TrainConfig
+from jaxmetric import distributed
 from jaxmetric.models import count_params
+from jaxmetric.train import monitor, sampling
 from jaxmetric.train.checkpoints import (
     checkpoint_manager,
     restore_checkpoint,
     save_checkpoint,
 )
+from jaxmetric.train.config import TrainConfig
 from jaxmetric.train.mesh import AXIS, make_mesh
 from jaxmetric.train.objective import make_loss_fn
 from jaxmetric.train.rundir import append_record, prepare_run_dir, truncate_metrics
@@ -128,14 +129,14 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
         device of every process).
       progress: show a tqdm bar per epoch (on process 0).
       slow_cpu_hint: a shorter command to suggest when the run has no accelerator and
-        its estimated training time is long (see :mod:`jaxmetric.monitor`).
+        its estimated training time is long (see :mod:`jaxmetric.train.monitor`).
 
     **What it says** (logger ``jaxmetric.train``, on process 0): one setup line at INFO
     (devices, data sizes, parameter count, steps), the estimated training time after
     the first timed steps (a WARNING with ``slow_cpu_hint`` when no accelerator is
     present and the run is long), one line per epoch (loss, active fraction, images/s,
     and precision@1 when the hook measured it), and a WARNING if the embeddings look
-    collapsed (:class:`jaxmetric.monitor.CollapseDetector`).
+    collapsed (:class:`jaxmetric.train.monitor.CollapseDetector`).
 
     **Divergence.** When the loss, the gradient norm or the parameter norm of any step
     turns NaN/inf (checked every ``log_every`` steps), ``fit`` raises

@@ -2,8 +2,8 @@
 
 * :func:`make_loss_fn` -- ``loss_fn(embeddings, labels, *, axis_name=None, params=None,
   ref_embeddings=None, ref_labels=None, ref_valid=None) -> (loss, info)``: the function
-  ``jaxmetric.losses.<config.loss>_loss`` with the config's keyword arguments
-  (:attr:`~jaxmetric.config.TrainConfig.loss_kwargs`); ``params`` is the loss's own
+  of ``config.loss`` (:data:`jaxmetric.losses.registry.LOSSES`) with the config's keyword arguments
+  (:attr:`~jaxmetric.train.config.TrainConfig.loss_kwargs`); ``params`` is the loss's own
   learned argument (:func:`init_loss_params`) for the losses that have one;
 * :func:`init_loss_params` -- that argument at the start of a run: class proxies
   (Proxy-Anchor, Proxy-NCA), class weights (ArcFace, CosFace) or the per-class
@@ -12,7 +12,7 @@
   optimizer at ``config.loss_lr_scale`` times its learning rate (the proxy papers train
   proxies ~100x faster than the network), without weight decay (proxies and class
   weights are compared by angle, their norm is not a capacity to restrain);
-* the cross-batch memory (:mod:`jaxmetric.xbm`) for pair-based losses:
+* the cross-batch memory (:mod:`jaxmetric.losses.xbm`) for pair-based losses:
   :func:`xbm_start_step` and the loss on the memory, added by the train step.
 """
 
@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmetric import losses
-from jaxmetric.config import LOSS_SPECS, TrainConfig
-from jaxmetric.margin_softmax_losses import init_weights
-from jaxmetric.proxy_losses import init_proxies
+from jaxmetric.losses import registry
+from jaxmetric.losses.margin_softmax import init_weights
+from jaxmetric.losses.proxy import init_proxies
+from jaxmetric.train.config import TrainConfig
 
 __all__ = ["MARGIN_LOSS_BETA", "init_loss_params", "make_loss_fn", "make_loss_optimizer",
            "xbm_start_step"]
@@ -39,8 +39,8 @@ MARGIN_LOSS_BETA = 1.2
 
 def make_loss_fn(config: TrainConfig) -> Callable:
     """``loss_fn(embeddings, labels, *, axis_name=None, params=None, **reference)``."""
-    spec = LOSS_SPECS[config.loss]
-    fn = functools.partial(getattr(losses, f"{config.loss}_loss"), **config.loss_kwargs)
+    spec = registry.get(config.loss)
+    fn = functools.partial(spec.fn, **config.loss_kwargs)
 
     def loss_fn(embeddings, labels, *, axis_name=None, params=None, **reference):
         if spec.learned is None:
@@ -59,13 +59,13 @@ def init_loss_params(config: TrainConfig, rng: jax.Array, num_classes: int | Non
                      embed_dim: int) -> jax.Array | None:
     """The loss's learned argument at the start of a run, or None.
 
-    * ``"proxies"`` (C, D): :func:`jaxmetric.proxy_losses.init_proxies`, He (fan-out)
+    * ``"proxies"`` (C, D): :func:`jaxmetric.losses.proxy.init_proxies`, He (fan-out)
       normal as in Kim et al.'s code, for Proxy-Anchor and Proxy-NCA;
-    * ``"weights"`` (C, D): :func:`jaxmetric.margin_softmax_losses.init_weights`, N(0, 1)
+    * ``"weights"`` (C, D): :func:`jaxmetric.losses.margin_softmax.init_weights`, N(0, 1)
       as in pytorch-metric-learning (the losses see directions only);
     * ``"beta"`` (C,): :data:`MARGIN_LOSS_BETA` for every class.
     """
-    learned = LOSS_SPECS[config.loss].learned
+    learned = registry.get(config.loss).learned
     if learned is None:
         return None
     if num_classes is None or num_classes < 2:

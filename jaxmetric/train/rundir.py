@@ -19,8 +19,8 @@ from typing import Any
 import jax
 
 from jaxmetric import distributed
-from jaxmetric.config import TrainConfig
 from jaxmetric.train.checkpoints import finalized_epochs
+from jaxmetric.train.config import TrainConfig
 from jaxmetric.utils import write_atomic
 
 __all__ = ["RESUMABLE_CHANGES", "append_record", "check_run_dir", "prepare_run_dir",
@@ -49,7 +49,8 @@ def check_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) -> N
             f"resume=True but {ckpt_dir} holds no complete checkpoint; start a fresh run "
             "without resume (into an empty folder)")
     if config_file.exists():
-        saved = json.loads(config_file.read_text())
+        # Through from_dict, so a config written by an earlier version compares by meaning.
+        saved = TrainConfig.from_dict(json.loads(config_file.read_text())).to_dict()
         now = config.to_dict()
         changed = sorted(k for k in set(saved) | set(now)
                          if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))

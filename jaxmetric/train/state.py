@@ -28,10 +28,11 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmetric import distributed, xbm
-from jaxmetric.config import TrainConfig
+from jaxmetric import distributed
+from jaxmetric.losses import xbm
 from jaxmetric.models import create_model
-from jaxmetric.pretrained import load_torchvision_resnet
+from jaxmetric.models.pretrained import load_torchvision_resnet
+from jaxmetric.train.config import TrainConfig
 from jaxmetric.train.mesh import AXIS
 from jaxmetric.train.objective import init_loss_params, make_loss_optimizer, xbm_start_step
 from jaxmetric.utils import check_choice
@@ -59,13 +60,13 @@ class InputSpec:
     Attributes:
       shape: ``(H, W, C)`` of one image as the model sees it.
       mean, std: per-channel statistics in [0, 1] units for
-        :func:`jaxmetric.augment.normalize`.
+        :func:`jaxmetric.train.augment.normalize`.
       crop: how an input is cut from a stored image (:data:`CROPS`): ``"pad"`` -- the
         image is stored at ``shape``; training takes the pad-4 random crop + flip, the
         evaluation the image as is (the CIFAR recipe). ``"resized"`` -- the image is
         stored larger; training takes a random-resized crop of ``shape`` + flip, the
         evaluation the centre crop (the ImageNet recipe, see
-        :func:`jaxmetric.augment.augment_resized`).
+        :func:`jaxmetric.train.augment.augment_resized`).
     """
 
     shape: tuple[int, ...]
@@ -116,7 +117,7 @@ class TrainState(train_state.TrainState):
     :class:`InputSpec` (static: not saved as arrays, recorded in the checkpoint meta),
     and what the loss keeps: its learned parameters (proxies, class weights, margins;
     :mod:`jaxmetric.train.objective`) with their own optimizer, and the cross-batch
-    memory (:mod:`jaxmetric.xbm`) from step ``xbm_start`` on. All are checkpointed."""
+    memory (:mod:`jaxmetric.losses.xbm`) from step ``xbm_start`` on. All are checkpointed."""
 
     batch_stats: Any = None
     schedule: Callable = flax.struct.field(pytree_node=False, default=None)
@@ -184,7 +185,7 @@ def create_train_state(rng: jax.Array, model, config: TrainConfig, steps_per_epo
     set, see :meth:`InputSpec.of`) and attach the optimizer; the loss's parameters (for
     ``num_classes`` classes, where the loss learns some) and the cross-batch memory
     when ``config`` asks for them. With ``config.pretrained`` the trunk then takes the
-    torchvision weights of that file (:func:`jaxmetric.pretrained.load_torchvision_resnet`);
+    torchvision weights of that file (:func:`jaxmetric.models.pretrained.load_torchvision_resnet`);
     the head stays as initialised."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")

@@ -35,10 +35,10 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxmetric import xbm
-from jaxmetric.augment import augment as augment_images
-from jaxmetric.augment import augment_resized, center_crop, normalize
+from jaxmetric.losses import xbm
 from jaxmetric.parallel import varying_axes
+from jaxmetric.train.augment import augment as augment_images
+from jaxmetric.train.augment import augment_resized, center_crop, normalize
 from jaxmetric.train.mesh import AXIS
 from jaxmetric.train.state import TrainState
 
@@ -109,7 +109,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       augment: random crop + flip; False = normalise only.
       dtype: dtype of the model input.
       xbm_weight: weight of the cross-batch memory's loss term (when the state has a
-        memory, :mod:`jaxmetric.xbm`): ``loss = loss(batch) + xbm_weight *
+        memory, :mod:`jaxmetric.losses.xbm`): ``loss = loss(batch) + xbm_weight *
         loss(batch vs memory)``, the memory read before this batch is written into it.
       freeze_bn: BatchNorm in eval mode: it normalises with ``state.batch_stats``,
         which stay as they are (the usual way to fine-tune a pretrained trunk on small

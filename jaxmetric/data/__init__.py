@@ -1,0 +1,40 @@
+"""The data a run trains and is evaluated on.
+
+* :mod:`~jaxmetric.data.cifar10` -- the generic :class:`Dataset` / :class:`Split` /
+  :class:`DataError`, CIFAR-10 from an image tree, an archive of one, the original
+  pickled batches or tensorflow-datasets, and the on-disk cache of decoded images;
+* :mod:`~jaxmetric.data.folders` -- any class-per-folder image tree;
+* :mod:`~jaxmetric.data.tfds_benchmarks` -- the tfds metric-learning benchmarks;
+* :mod:`~jaxmetric.data.splits` -- class-disjoint splits (train on some classes,
+  retrieve the others).
+"""
+
+from jaxmetric.data.cifar10 import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DataError,
+    Dataset,
+    Split,
+    balanced_subset,
+    channel_stats,
+    cifar10_description,
+    default_cache_dir,
+    load_cifar10,
+    tensorflow_on_cpu_only,
+)
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DataError",
+    "Dataset",
+    "Split",
+    "balanced_subset",
+    "channel_stats",
+    "cifar10_description",
+    "default_cache_dir",
+    "load_cifar10",
+    "tensorflow_on_cpu_only",
+]
