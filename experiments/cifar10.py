@@ -43,7 +43,13 @@ def build_parser():
     """The command line: one flag per :class:`TrainConfig` field (:mod:`jaxmetric.train.flags`)
     plus ``--preset`` and the flags that are not part of the config
     (:func:`experiments.driver.build_parser`)."""
-    return driver.build_parser("python -m experiments.cifar10", __doc__, "cifar10")
+    return driver.build_parser("python -m experiments.cifar10", __doc__, "cifar10",
+                               data_fields=DATA_FLAGS)
+
+
+DATA_FLAGS = ("path", "max_train", "max_test", "unseen_classes")
+"""The :class:`~jaxmetric.data.DataConfig` fields this command sets (``path`` is
+``--data-dir``)."""
 
 
 def config_from_args(args, parser) -> TrainConfig:
@@ -60,21 +66,19 @@ def main(argv=None) -> int:
     return driver.main(build_parser(), run, argv)
 
 
+def data_config_from_args(args, parser, config: TrainConfig):
+    """The run's :class:`~jaxmetric.data.DataConfig`: CIFAR-10 from ``--data-dir`` (or
+    tensorflow-datasets), the limits and ``--unseen-classes``; exits 2 on a bad value."""
+    return driver.data_config_from_args(args, parser, config, source="cifar10")
+
+
 def run(args, parser, config) -> int:
     """Load CIFAR-10 (split by class with ``--unseen-classes``), train, evaluate and
     report: :func:`main` after parsing and logging set-up."""
-    from jaxmetric import data
-    from jaxmetric.data import splits
-    def load():
-        dataset = data.load_cifar10(config.data_dir, max_train=config.max_train,
-                                    max_test=config.max_test)
-        if config.unseen_classes is None:
-            return dataset
-        return splits.hold_out_last(dataset, config.unseen_classes)
-
-    hint = CPU_COMMAND.replace("DATA", config.data_dir or "CIFAR10_DIR").replace(
+    data_config = data_config_from_args(args, parser, config)
+    hint = CPU_COMMAND.replace("DATA", data_config.path or "CIFAR10_DIR").replace(
         "LOSS", config.loss)
-    return driver.train_and_report(args, parser, config, load, hint=hint)
+    return driver.train_and_report(args, parser, config, data_config, hint=hint)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@
   (:mod:`jaxmetric.train.flags`), ``--preset`` and the flags that are not part of the config,
   plus the multi-process flags; an experiment adds its own data flags to the parser;
 * :func:`config_from_args` -- defaults, then the preset, then the flags typed;
+  :func:`data_config_from_args` likewise for the :class:`~jaxmetric.data.DataConfig`;
 * :func:`main` -- parse, set up logging, run (log lines through tqdm);
-* :func:`train_and_report` -- the run itself: start the processes, load the data, train
+* :func:`train_and_report` -- the run itself: start the processes, load the data
+  (:func:`jaxmetric.data.load`), train
   with :func:`jaxmetric.train.fit` (the per-epoch P@1 on the evaluation data), evaluate
   and write the report with :func:`jaxmetric.report.evaluate_state`.
 
-Both experiments evaluate what a loader returns: a whole :class:`~jaxmetric.data.Dataset`
+Both experiments evaluate what :func:`jaxmetric.data.load` returns for their
+:class:`~jaxmetric.data.DataConfig` (saved in ``config.json`` next to the training
+settings): a whole :class:`~jaxmetric.data.Dataset`
 (trained on and evaluated on the same classes), or a
 :class:`~jaxmetric.data.splits.ClassSplit` (trained on its training classes, every metric --
 the per-epoch P@1 included -- measured on the held-out classes).
@@ -20,21 +24,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import pathlib
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
 
 from experiments.presets import PRESETS
+from jaxmetric.data.config import DataConfig
 from jaxmetric.train import flags
 from jaxmetric.train.config import TrainConfig
 
-__all__ = ["build_parser", "config_from_args", "main", "out_given", "setup_logging",
-           "train_and_report"]
+__all__ = ["build_parser", "config_from_args", "data_config_from_args", "main", "out_given",
+           "setup_logging", "train_and_report"]
 
 
-def build_parser(prog: str, description: str, run_name: str) -> argparse.ArgumentParser:
-    """The shared command line (``run_name`` names the default run folder)."""
+def build_parser(prog: str, description: str, run_name: str,
+                 data_fields: Collection[str] = ()) -> argparse.ArgumentParser:
+    """The shared command line (``run_name`` names the default run folder) with a flag
+    for each of the :class:`~jaxmetric.data.DataConfig` fields ``data_fields``."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS),
@@ -52,6 +59,9 @@ def build_parser(prog: str, description: str, run_name: str) -> argparse.Argumen
     flags.add_config_arguments(p.add_argument_group(
         "training configuration (jaxmetric.train.config.TrainConfig; without --out the run "
         f"folder is runs/{run_name}-<loss>-<time>)"), required=("loss",))
+    if data_fields:
+        flags.add_config_arguments(p.add_argument_group("data (jaxmetric.data.DataConfig)"),
+                                   DataConfig, fields=data_fields)
     dist = p.add_argument_group("several processes (see README, 'More than one machine')")
     dist.add_argument("--coordinator", help="HOST:PORT of process 0 (env JAXMETRIC_COORDINATOR)")
     dist.add_argument("--num-processes", type=int, help="env JAXMETRIC_NUM_PROCESSES")
@@ -63,8 +73,7 @@ def build_parser(prog: str, description: str, run_name: str) -> argparse.Argumen
 def config_from_args(args, parser) -> TrainConfig:
     """Defaults, then the preset, then the flags given; exits 2 (``parser.error``) on a
     missing loss or an invalid combination."""
-    values = dict(PRESETS[args.preset]) if args.preset else {}
-    values |= flags.given_values(args)
+    values = _preset(args, TrainConfig) | flags.given_values(args)
     if "loss" not in values:
         parser.error("--loss is required (or a --preset that sets it)")
     if values.get("out") is None:
@@ -73,6 +82,28 @@ def config_from_args(args, parser) -> TrainConfig:
         return TrainConfig(**values)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+
+
+def _preset(args, config_cls) -> dict:
+    """The preset's values of ``config_cls`` fields (a preset may set both configs')."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    preset = PRESETS[args.preset] if args.preset else {}
+    return {k: v for k, v in preset.items() if k in names}
+
+
+def data_config_from_args(args, parser, config: TrainConfig, **fixed) -> DataConfig:
+    """The :class:`DataConfig`: defaults, the preset's data values, the data flags typed,
+    then ``fixed`` (what the experiment decides, e.g. ``source``); exits 2 on an invalid
+    combination or a ``max_train`` below the batch size."""
+    values = _preset(args, DataConfig) | flags.given_values(args, DataConfig) | fixed
+    try:
+        data = DataConfig(**values)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    if data.max_train is not None and data.max_train < config.batch_size:
+        parser.error(f"max_train {data.max_train} is smaller than batch_size "
+                     f"{config.batch_size}: an epoch would have no full batch")
+    return data
 
 
 def out_given(args) -> bool:
@@ -120,14 +151,13 @@ def main(parser: argparse.ArgumentParser, run: Callable[..., int], argv=None) ->
         return run(args, parser, config)
 
 
-def train_and_report(args, parser, config: TrainConfig, load: Callable[[], Any], *,
-                     hint: str | None = None, extra_config: dict | None = None) -> int:
-    """Train and evaluate what ``load()`` returns (a Dataset or a ClassSplit).
+def train_and_report(args, parser, config: TrainConfig, data_config: DataConfig, *,
+                     hint: str | None = None) -> int:
+    """Train and evaluate the data ``data_config`` describes (a Dataset or a ClassSplit).
 
-    ``load`` raises :class:`jaxmetric.data.DataError` for missing or bad data (exit 1,
-    nothing written) and ``ValueError`` for a bad class choice (exit 2). ``hint`` is the
-    small CPU command suggested for long runs without an accelerator; ``extra_config``
-    is recorded next to the config in the report (e.g. the data flags).
+    Missing or bad data (:class:`jaxmetric.data.DataError`) exits 1 with nothing
+    written, a bad class choice (``ValueError``) exits 2. ``hint`` is the small CPU
+    command suggested for long runs without an accelerator.
     """
     from jaxmetric import distributed
 
@@ -144,9 +174,18 @@ def train_and_report(args, parser, config: TrainConfig, load: Callable[[], Any],
 
     from jaxmetric import data, report, train
     from jaxmetric.data import splits
+    from jaxmetric.train.rundir import check_run_dir
+
     progress = not args.no_progress
+    try:  # before the data is loaded: a run folder that cannot take the run fails fast
+        check_run_dir(pathlib.Path(config.out), config, args.resume, data_config)
+    except (FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # resuming with other settings or other data: a flag to fix
+        parser.error(str(e))
     try:
-        loaded = load()
+        loaded = data.load(data_config)
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -163,6 +202,9 @@ def train_and_report(args, parser, config: TrainConfig, load: Callable[[], Any],
     else:
         train_data = eval_data = loaded
         split_info, what = None, None
+        if len(train_data.train) < config.batch_size:
+            parser.error(f"the data has {len(train_data.train)} training images, fewer "
+                         f"than batch_size {config.batch_size}: lower --batch-size")
     mesh = train.make_mesh(jax.devices())  # every device of every process
     try:
         config.check_devices(mesh.size)
@@ -171,12 +213,14 @@ def train_and_report(args, parser, config: TrainConfig, load: Callable[[], Any],
     hook = report.precision_at_1_hook(eval_data, mesh=mesh, what=what)
     try:
         state = train.fit(config, train_data, config.out, resume=args.resume, eval_hook=hook,
-                          mesh=mesh, progress=progress, slow_cpu_hint=hint)
+                          mesh=mesh, progress=progress, slow_cpu_hint=hint,
+                          data=data_config)
     except (FileExistsError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     metrics = report.evaluate_state(
-        state, eval_data, config.out, config=dataclasses.asdict(config) | (extra_config or {}),
+        state, eval_data, config.out,
+        config=config.to_dict() | {"data": data_config.to_dict()},
         epoch=config.epochs, mesh=mesh, tsne_points=args.tsne_points, progress=progress,
         split=split_info,
     )

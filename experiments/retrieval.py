@@ -49,47 +49,27 @@ import sys
 
 from experiments import driver
 
-DEFAULT_IMAGE_SIZE = 32
-
-
-def _class_list(text: str) -> list[str]:
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated class names")
-    return names
+DATA_FLAGS = ("path", "tfds", "max_train", "max_test", "train_classes", "train_class_list",
+              "test_class_list", "image_size", "channels")
+"""The :class:`~jaxmetric.data.DataConfig` fields this command sets (``path`` is
+``--data-dir``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The shared command line (:func:`experiments.driver.build_parser`) plus the data
-    flags of this experiment."""
-    from jaxmetric.data.folders import CHANNELS
-    from jaxmetric.data.tfds_benchmarks import BENCHMARKS
-
-    p = driver.build_parser("python -m experiments.retrieval", __doc__, "retrieval")
-    g = p.add_argument_group("data (an image-folder tree in --data-dir, or --tfds)")
-    g.add_argument("--tfds", choices=sorted(BENCHMARKS),
-                   help="a tensorflow-datasets benchmark with its standard split")
-    g.add_argument("--train-classes", type=int, metavar="N",
-                   help="the first N classes (sorted by name) train, the rest are held out")
-    g.add_argument("--train-class-list", type=_class_list, metavar="A,B,...",
-                   help="the training classes by name")
-    g.add_argument("--test-class-list", type=_class_list, metavar="A,B,...",
-                   help="the held-out classes by name (default: every other class)")
-    g.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, metavar="S",
-                   help="side of the network's square input; images are resized on load "
-                        f"(default: {DEFAULT_IMAGE_SIZE})")
-    g.add_argument("--channels", type=int, choices=CHANNELS, default=3,
-                   help="3: RGB (grayscale images copied to 3 channels); 1: grayscale "
-                        "(default: 3)")
-    return p
+    """The shared command line (:func:`experiments.driver.build_parser`) with this
+    experiment's data flags."""
+    return driver.build_parser("python -m experiments.retrieval", __doc__, "retrieval",
+                               data_fields=DATA_FLAGS)
 
 
-def data_options(args) -> dict:
-    """The data flags as recorded in the report next to the config."""
-    return {"tfds": args.tfds, "train_classes": args.train_classes,
-            "train_class_list": args.train_class_list,
-            "test_class_list": args.test_class_list, "image_size": args.image_size,
-            "channels": args.channels}
+def data_config_from_args(args, parser, config):
+    """The run's :class:`~jaxmetric.data.DataConfig`: an image-folder tree
+    (``--data-dir``) or a tfds benchmark (``--tfds``); exits 2 on a bad combination."""
+    tfds = getattr(args, "tfds", None) is not None
+    if tfds == (getattr(args, "path", None) is not None):
+        parser.error("give the data: --data-dir TREE (an image-folder tree) or --tfds NAME")
+    source = "tfds" if tfds else "folder"
+    return driver.data_config_from_args(args, parser, config, source=source)
 
 
 def main(argv=None) -> int:
@@ -98,36 +78,8 @@ def main(argv=None) -> int:
 
 def run(args, parser, config) -> int:
     """Check the data flags, then load the split, train, evaluate and report."""
-    if (args.tfds is None) == (config.data_dir is None):
-        parser.error("give the data: --data-dir TREE (an image-folder tree) or --tfds NAME")
-    if args.image_size < 1:
-        parser.error(f"--image-size must be >= 1; got {args.image_size}")
-    if config.unseen_classes is not None:
-        parser.error("--unseen-classes is experiments.cifar10's; here choose the training "
-                     "classes with --train-classes or --train-class-list")
-    chosen = [f for f in ("train_classes", "train_class_list", "test_class_list")
-              if getattr(args, f) is not None]
-    if args.tfds is not None and chosen:
-        parser.error(f"--tfds {args.tfds} has its standard split; leave out "
-                     + ", ".join("--" + f.replace("_", "-") for f in chosen))
-
-    def load():
-        from jaxmetric.data import splits
-        if args.tfds is not None:
-            from jaxmetric.data.tfds_benchmarks import load_tfds
-
-            split = load_tfds(args.tfds, image_size=args.image_size, channels=args.channels)
-        else:
-            from jaxmetric.data.folders import load_folder
-
-            split = load_folder(config.data_dir, image_size=args.image_size,
-                                channels=args.channels, train_classes=args.train_classes,
-                                train_class_list=args.train_class_list,
-                                test_class_list=args.test_class_list)
-        return splits.limit(split, config.max_train, config.max_test)
-
-    return driver.train_and_report(args, parser, config, load,
-                                   extra_config={"data": data_options(args)})
+    data_config = data_config_from_args(args, parser, config)
+    return driver.train_and_report(args, parser, config, data_config)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,13 @@ def _config(argv):
     return cifar10.config_from_args(parser.parse_args(argv), parser)
 
 
+def _data(argv):
+    """The :class:`~jaxmetric.data.DataConfig` the command builds."""
+    parser = cifar10.build_parser()
+    args = parser.parse_args(argv)
+    return cifar10.data_config_from_args(args, parser, cifar10.config_from_args(args, parser))
+
+
 def _small_budget(argv, tarball, out):
     """The command as written, shrunk to a few steps on a few hundred real images."""
     epochs = _config(argv).epochs if _config(argv).epochs <= 3 else 1
@@ -187,6 +194,17 @@ def test_every_config_field_has_a_flag_with_help():
     for field in _fields():
         assert field.metadata.get("help"), field.name
         assert "--" + field.name.replace("_", "-") in by_dest[field.name], field.name
+    import dataclasses
+
+    from experiments import retrieval
+    from jaxmetric.data import DataConfig
+
+    for module in (cifar10, retrieval):
+        actions = {a.dest: a.option_strings for a in module.build_parser()._actions}
+        for field in dataclasses.fields(DataConfig):
+            if field.name in module.DATA_FLAGS:
+                flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+                assert field.metadata.get("help") and flag in actions[field.name], field.name
     # the settings that had no flag before, and a value per type
     config = _config(["--loss", "triplet", "--stem", "imagenet", "--momentum", "0.8",
                       "--log-every", "7", "--keep-checkpoints", "2", "--lr", "0.3"])
@@ -219,9 +237,14 @@ def test_bool_flags_and_the_distance_flag(capsys):
 
 
 def test_optional_fields_take_none_and_choices_are_checked():
-    config = _config(["--preset", "cpu", "--loss", "triplet", "--max-train", "none",
-                      "--mining", "semihard", "--margin", "NONE"])
-    assert config.max_train is None and config.margin is None and config.mining == "semihard"
+    argv = ["--preset", "cpu", "--loss", "triplet", "--max-train", "none", "--mining",
+            "semihard", "--margin", "NONE"]
+    config = _config(argv)
+    assert _data(argv).max_train is None and config.margin is None
+    assert config.mining == "semihard"
+    with pytest.raises(SystemExit) as e:
+        _data(["--loss", "triplet", "--max-train", "100", "--batch-size", "128"])
+    assert e.value.code == 2
     for argv in (["--loss", "triplet", "--max-train", "many"],
                  ["--loss", "triplet", "--mining", "none-at-all"],
                  ["--loss", "triplet", "--epochs", "2.5"],
@@ -234,8 +257,9 @@ def test_optional_fields_take_none_and_choices_are_checked():
 
 def test_preset_cpu_and_explicit_flags_override_it():
     config = _config(["--preset", "cpu", "--loss", "contrastive"])
-    assert (config.model, config.batch_size, config.epochs, config.max_train,
-            config.max_test) == ("homebrew", 256, 10, 10_000, 2_000)
+    data = _data(["--preset", "cpu", "--loss", "contrastive"])
+    assert (config.model, config.batch_size, config.epochs, data.max_train,
+            data.max_test) == ("homebrew", 256, 10, 10_000, 2_000)
     assert config.loss == "contrastive" and config.warmup == 1.0
     config = _config(["--preset", "cpu", "--loss", "triplet", "--epochs", "3",
                       "--batch-size", "128"])
@@ -245,13 +269,18 @@ def test_preset_cpu_and_explicit_flags_override_it():
 
 
 def test_presets_are_valid_configs():
+    import dataclasses
+
     from experiments.presets import PRESETS
+    from jaxmetric.data import DataConfig
     from jaxmetric.train.config import TrainConfig
 
     names = {f.name for f in _fields()}
+    data_names = {f.name for f in dataclasses.fields(DataConfig)}
     for name, values in PRESETS.items():
-        assert set(values) <= names, name
-        TrainConfig(**({"loss": "triplet"} | values))
+        assert set(values) <= names | data_names, name
+        TrainConfig(**({"loss": "triplet"} | {k: v for k, v in values.items() if k in names}))
+        DataConfig(**{k: v for k, v in values.items() if k in data_names})
     h200 = _config(["--preset", "h200"])
     assert (h200.model, h200.dtype, h200.batch_size, h200.epochs, h200.warmup,
             h200.eval_every, h200.checkpoint_every, h200.loss, h200.mining) == (
@@ -275,7 +304,7 @@ def test_gpu_script_runs_the_h200_presets_instead_of_spelling_them_out():
 def test_cpu_hint_is_a_valid_command():
     argv = cifar10.CPU_COMMAND.replace("LOSS", "triplet").split()[3:]
     config = _config(argv)
-    assert (config.model, config.epochs, config.max_train) == ("homebrew", 10, 10_000)
+    assert (config.model, config.epochs, _data(argv).max_train) == ("homebrew", 10, 10_000)
 
 
 # ------------------------------------------------------------ classes never trained on
@@ -311,7 +340,7 @@ def test_unseen_classes_run_never_trains_on_a_held_out_image(cifar_tarball, tmp_
                            whole.test.images[whole.test.labels >= 5]])
     seen = {img.tobytes() for img in dataset.train.images}
     assert not seen & {img.tobytes() for img in held}
-    assert json.loads((out / "config.json").read_text())["unseen_classes"] == 5
+    assert json.loads((out / "config.json").read_text())["data"]["unseen_classes"] == 5
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"]["eval_classes"] == list(data.CIFAR10_CLASSES[5:])
     assert metrics["test_vs_train"]["n_queries"] == 50  # held-out test images

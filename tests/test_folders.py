@@ -190,6 +190,24 @@ def test_retrieval_cli_end_to_end(jpeg_tree, tmp_path):
     assert record["precision_at_1_of"] == "held-out classes, leave-one-out"
     report = (out / "report.md").read_text()
     assert "recall_at_4" in report and '"train_classes": 3' in report
+    saved = json.loads((out / "config.json").read_text())["data"]
+    assert (saved["source"], saved["train_classes"]) == ("folder", 3)
+
+    # The run folder alone is enough to evaluate the run again: the same split, the
+    # same numbers (the report command reads the data settings from config.json).
+    from jaxmetric.report import cli
+
+    (out / "metrics.json").unlink()
+    assert cli.main([str(out), "--tsne-points", "0", "--no-progress"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["split"] == metrics["split"]
+    assert again["test_vs_test"]["map_at_r"] == pytest.approx(held["map_at_r"], abs=1e-6)
+
+    # Resuming with another class split is refused (exit 2), naming the setting.
+    with pytest.raises(SystemExit) as e:
+        retrieval.main(_small(jpeg_tree, out, "--train-classes", "4", "--resume",
+                              "--epochs", "2"))
+    assert e.value.code == 2
 
 
 def test_retrieval_cli_bad_flags_and_data(jpeg_tree, tmp_path, capsys):

@@ -347,7 +347,6 @@ def test_a_state_needs_its_inputs(tmp_path):
     (dict(margin=-1.0), "margin must be"),
     (dict(momentum=1.0), "momentum must be < 1"),
     (dict(epochs=0), "epochs must be >= 1"),
-    (dict(max_train=8, batch_size=16), "smaller than batch_size"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

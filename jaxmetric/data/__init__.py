@@ -1,5 +1,7 @@
 """The data a run trains and is evaluated on.
 
+* :mod:`~jaxmetric.data.config` -- :class:`DataConfig`, the data of a run described
+  once (saved in its ``config.json``), and :func:`load`, which rebuilds it;
 * :mod:`~jaxmetric.data.cifar10` -- the generic :class:`Dataset` / :class:`Split` /
   :class:`DataError`, CIFAR-10 from an image tree, an archive of one, the original
   pickled batches or tensorflow-datasets, and the on-disk cache of decoded images;
@@ -23,11 +25,13 @@ from jaxmetric.data.cifar10 import (
     load_cifar10,
     tensorflow_on_cpu_only,
 )
+from jaxmetric.data.config import DataConfig, load
 
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "DataConfig",
     "DataError",
     "Dataset",
     "Split",
@@ -35,6 +39,7 @@ __all__ = [
     "channel_stats",
     "cifar10_description",
     "default_cache_dir",
+    "load",
     "load_cifar10",
     "tensorflow_on_cpu_only",
 ]

@@ -47,6 +47,7 @@ from __future__ import annotations
 from jaxmetric.train.checkpoints import (
     finalized_epochs,
     load_config,
+    load_data_config,
     restore_state,
 )
 from jaxmetric.train.embed import make_embed_fn
@@ -75,6 +76,7 @@ __all__ = [
     "init_loss_params",
     "initial_state",
     "load_config",
+    "load_data_config",
     "make_embed_fn",
     "make_loss_fn",
     "make_mesh",

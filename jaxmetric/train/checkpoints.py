@@ -26,6 +26,7 @@ import pathlib
 import jax
 from jax.sharding import Mesh
 
+from jaxmetric.data.config import DataConfig
 from jaxmetric.train.config import TrainConfig
 from jaxmetric.train.mesh import make_mesh
 from jaxmetric.train.state import InputSpec, TrainState, initial_state
@@ -34,6 +35,7 @@ __all__ = [
     "checkpoint_manager",
     "finalized_epochs",
     "load_config",
+    "load_data_config",
     "restore_checkpoint",
     "restore_state",
     "save_checkpoint",
@@ -108,6 +110,15 @@ def load_config(run_dir) -> TrainConfig:
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a jaxmetric run folder: no config.json")
     return TrainConfig.from_dict(json.loads(config_file.read_text()))
+
+
+def load_data_config(run_dir) -> DataConfig:
+    """The :class:`~jaxmetric.data.DataConfig` of a run folder: what it was trained and
+    evaluated on (:meth:`DataConfig.of_run`)."""
+    config_file = pathlib.Path(run_dir) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a jaxmetric run folder: no config.json")
+    return DataConfig.of_run(json.loads(config_file.read_text()))
 
 
 def restore_state(run_dir, *, epoch: int | None = None, mesh: Mesh | None = None,

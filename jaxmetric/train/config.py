@@ -35,6 +35,7 @@ import dataclasses
 import math
 from typing import Any
 
+from jaxmetric.data.config import LEGACY_FIELDS as LEGACY_DATA_FIELDS
 from jaxmetric.distances import DISTANCES
 from jaxmetric.losses import MINING_MODES, REDUCTIONS, SOFT_MINING_MODES, registry
 from jaxmetric.models import INITS, MODEL_NAMES, STEMS
@@ -145,24 +146,11 @@ class TrainConfig:
         None, "linear warm-up length in epochs (may be fractional), then cosine to 0; "
         "None: min(5, epochs / 10)")
     seed: int = _field(0, "fixes initialisation, sampling and augmentation")
-    max_train: int | None = _field(None, "keep only the first N training images, "
-                                   "class-balanced; None: all")
-    max_test: int | None = _field(None, "keep only the first N test images, class-balanced; "
-                                  "None: all")
-    # --- class-disjoint evaluation (jaxmetric.data.splits)
-    unseen_classes: int | None = _field(
-        None, "hold the last N classes (label order) out of training and evaluate retrieval "
-        "on them only: their test images query their training images, and each other "
-        "(leave-one-out); max_train/max_test apply before the split. None: every class "
-        "trains and is evaluated")
     eval_every: int = _field(10, "call the evaluation hook (precision@1) every N epochs "
                              "and after the last")
     log_every: int = _field(50, "fetch step metrics from the device every N steps")
     keep_checkpoints: int = _field(3, "number of epoch checkpoints to keep")
     checkpoint_every: int = _field(1, "save a checkpoint every N epochs and after the last")
-    data_dir: str | None = _field(None, "data source for the experiment's loader (CIFAR-10: "
-                                  "a folder or archive; None: tensorflow-datasets)",
-                                  metavar="PATH")
     out: str | None = _field(None, "run folder (config.json, metrics.jsonl, checkpoints/); "
                              "None: the caller names one (fit's out_dir)", metavar="PATH")
 
@@ -186,11 +174,6 @@ class TrainConfig:
                      "keep_checkpoints", "checkpoint_every"):
             _int(name, getattr(self, name), minimum=1)
         _int("seed", self.seed, minimum=0)
-        for name in ("max_train", "max_test"):
-            if getattr(self, name) is not None:
-                _int(name, getattr(self, name), minimum=1)
-        if self.unseen_classes is not None:  # at most num_classes - 2: jaxmetric.data.splits
-            _int("unseen_classes", self.unseen_classes, minimum=2)
         if self.margin is not None:
             _number("margin", self.margin, minimum=0.0)
         _number("pos_margin", self.pos_margin, minimum=0.0)
@@ -222,11 +205,6 @@ class TrainConfig:
                     f"{self.classes_per_batch} leaves fewer than 2 images per class: "
                     "anchors would have no positive"
                 )
-        if self.max_train is not None and self.max_train < self.batch_size:
-            raise ValueError(
-                f"max_train {self.max_train} is smaller than batch_size {self.batch_size}: "
-                "an epoch would have no full batch"
-            )
         if self.conv_chunk_elements is not None:
             check_chunk_elements(self.conv_chunk_elements)
         self._check_finetuning()
@@ -399,11 +377,14 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error, missing ones default.
 
-        Configs written before ``distance`` replaced ``squared`` still load:
-        ``squared=False`` (``--euclidean``, triplet) becomes ``distance="l2"``, and
-        ``squared=True`` (the default) the triplet's default, ``squared_l2``.
+        Configs written by earlier versions still load: ``squared=False``
+        (``--euclidean``, triplet) becomes ``distance="l2"``, and ``squared=True`` (the
+        default) the triplet's default, ``squared_l2``; the data settings they held
+        (``data_dir``, ``max_train``, ``max_test``, ``unseen_classes``) and the ``data``
+        section of ``config.json`` belong to :class:`jaxmetric.data.DataConfig`
+        (:func:`jaxmetric.train.load_data_config`) and are left out here.
         """
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k != "data" and k not in LEGACY_DATA_FIELDS}
         if "squared" in d:
             squared = d.pop("squared")
             if squared is False and "distance" not in d:

@@ -79,16 +79,21 @@ def _help(field: dataclasses.Field, required: bool) -> str:
 
 
 def add_config_arguments(parser, config_cls: type = TrainConfig, *,
-                         required: Collection[str] = ()) -> None:
-    """Add one flag per field of the dataclass ``config_cls`` to ``parser`` (a parser
-    or an argument group). The flags store into ``dest=<field name>`` and have no
-    default: see :func:`given_values`. ``required`` names fields the program insists on
-    (from the command line or a preset; it checks that itself): their help says so
-    instead of showing the default."""
+                         required: Collection[str] = (),
+                         fields: Collection[str] | None = None) -> None:
+    """Add one flag per field of the dataclass ``config_cls`` (or of the ``fields``
+    named) to ``parser`` (a parser or an argument group). The flags store into
+    ``dest=<field name>`` and have no default: see :func:`given_values`. ``required``
+    names fields the program insists on (from the command line or a preset; it checks
+    that itself): their help says so instead of showing the default. A field's metadata
+    may spell its flag (``flag="--data-dir"``) and say how the text becomes its value
+    (``convert``, a function raising ``ValueError``)."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
+        if fields is not None and field.name not in fields:
+            continue
         kind, optional = _base_type(hints[field.name])
-        flag = flag_name(field.name)
+        flag = field.metadata.get("flag", flag_name(field.name))
         common = dict(dest=field.name, default=argparse.SUPPRESS,
                       help=_help(field, field.name in required))
         if kind is bool:
@@ -99,9 +104,10 @@ def add_config_arguments(parser, config_cls: type = TrainConfig, *,
                                     default=argparse.SUPPRESS,
                                     help=f"the same as --no-{flag[2:]}")
             continue
-        if kind not in (int, float, str):
+        convert = field.metadata.get("convert", kind)
+        if convert not in (int, float, str) and "convert" not in field.metadata:
             raise TypeError(f"{config_cls.__name__}.{field.name}: no flag for type {kind}")
-        convert = parse_optional(kind) if optional else kind
+        convert = parse_optional(convert) if optional else convert
         choices = field.metadata.get("choices")
         extra: dict[str, Any] = {}
         if choices is not None:

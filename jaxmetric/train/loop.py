@@ -104,7 +104,7 @@ def _log_setup(config, dataset, state, mesh, steps) -> None:
 def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
         eval_hook: Callable[[TrainState, int], Mapping[str, Any]] | None = None,
         mesh: Mesh | None = None, progress: bool = True,
-        slow_cpu_hint: str | None = None) -> TrainState:
+        slow_cpu_hint: str | None = None, data=None) -> TrainState:
     """Train ``config.model`` on ``dataset.train``; return the final state.
 
     Args:
@@ -130,6 +130,9 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
       progress: show a tqdm bar per epoch (on process 0).
       slow_cpu_hint: a shorter command to suggest when the run has no accelerator and
         its estimated training time is long (see :mod:`jaxmetric.train.monitor`).
+      data: the :class:`~jaxmetric.data.DataConfig` that ``dataset`` was loaded from:
+        saved in ``config.json`` (so the run can be re-evaluated from its folder) and,
+        on resume, checked against the saved one (a different split is refused).
 
     **What it says** (logger ``jaxmetric.train``, on process 0): one setup line at INFO
     (devices, data sizes, parameter count, steps), the estimated training time after
@@ -172,7 +175,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     train = dataset.train
     steps = sampling.steps_per_epoch(len(train), config.batch_size)
     distributed.check_same_data(train.images, train.labels)
-    prepare_run_dir(out_dir, config, resume)
+    prepare_run_dir(out_dir, config, resume, data)
 
     dtype = jnp.dtype(config.dtype)
     # A resumed run takes its weights from the checkpoint, not the pretrained file.

@@ -1,9 +1,11 @@
 """The run folder's rules: never overwrite a run, resume only the same config.
 
-A run folder holds ``config.json`` (the :class:`TrainConfig`), ``metrics.jsonl`` (one
-record per epoch) and ``checkpoints/``. :func:`prepare_run_dir` refuses a folder that
-already holds a run unless resuming, refuses to resume without a complete checkpoint or
-with a different config (except :data:`RESUMABLE_CHANGES`), and writes ``config.json``.
+A run folder holds ``config.json`` (the :class:`TrainConfig` and, under ``"data"``, the
+:class:`~jaxmetric.data.DataConfig`), ``metrics.jsonl`` (one record per epoch) and
+``checkpoints/``. :func:`prepare_run_dir` refuses a folder that already holds a run
+unless resuming, refuses to resume without a complete checkpoint, with a different
+config (except :data:`RESUMABLE_CHANGES`) or with different data (any data setting but
+its ``path``), and writes ``config.json``.
 On resume, :func:`truncate_metrics` drops the records of epochs trained after the last
 checkpoint. With several processes every process checks, so they all agree on the
 verdict (:func:`jaxmetric.distributed.agree`); process 0 alone writes.
@@ -19,19 +21,29 @@ from typing import Any
 import jax
 
 from jaxmetric import distributed
+from jaxmetric.data.config import DataConfig
 from jaxmetric.train.checkpoints import finalized_epochs
 from jaxmetric.train.config import TrainConfig
 from jaxmetric.utils import write_atomic
 
 __all__ = ["RESUMABLE_CHANGES", "append_record", "check_run_dir", "prepare_run_dir",
-           "truncate_metrics"]
+           "run_config_dict", "truncate_metrics"]
 
-RESUMABLE_CHANGES = frozenset({"out", "data_dir", "eval_every", "log_every", "keep_checkpoints",
+RESUMABLE_CHANGES = frozenset({"out", "eval_every", "log_every", "keep_checkpoints",
                                "checkpoint_every"})
 """Config fields that may change between a run and its resumption."""
 
 
-def check_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) -> None:
+def run_config_dict(config: TrainConfig, data: DataConfig | None) -> dict:
+    """What ``config.json`` holds: the training settings, then the data's."""
+    d = config.to_dict()
+    if data is not None:
+        d["data"] = data.to_dict()
+    return d
+
+
+def check_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool,
+                  data: DataConfig | None = None) -> None:
     """Raise ``FileExistsError``, ``FileNotFoundError`` or ``ValueError`` when ``out_dir``
     cannot take this run (see the module docstring); no side effects."""
     ckpt_dir = out_dir / "checkpoints"
@@ -50,16 +62,23 @@ def check_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) -> N
             "without resume (into an empty folder)")
     if config_file.exists():
         # Through from_dict, so a config written by an earlier version compares by meaning.
-        saved = TrainConfig.from_dict(json.loads(config_file.read_text())).to_dict()
+        raw = json.loads(config_file.read_text())
+        saved = TrainConfig.from_dict(raw).to_dict()
         now = config.to_dict()
         changed = sorted(k for k in set(saved) | set(now)
                          if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
         if changed:
             diffs = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume {out_dir} with a different config ({diffs})")
+        if data is not None:
+            changed = DataConfig.of_run(raw).differences(data)
+            if changed:
+                raise ValueError(f"cannot resume {out_dir} with different data "
+                                 f"({'; '.join(changed)})")
 
 
-def prepare_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) -> None:
+def prepare_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool,
+                    data: DataConfig | None = None) -> None:
     """Refuse to overwrite a run; on resume, check the config matches the saved one.
 
     Every process checks (the same verdict everywhere, see
@@ -69,7 +88,7 @@ def prepare_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) ->
     """
     error = None
     try:
-        check_run_dir(out_dir, config, resume)
+        check_run_dir(out_dir, config, resume, data)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         error = e
     distributed.agree(error)
@@ -78,7 +97,7 @@ def prepare_run_dir(out_dir: pathlib.Path, config: TrainConfig, resume: bool) ->
     config_file = out_dir / "config.json"
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(config_file, json.dumps(config.to_dict(), indent=2) + "\n")
+        write_atomic(config_file, json.dumps(run_config_dict(config, data), indent=2) + "\n")
     if jax.process_count() > 1:
         distributed.agree(None)  # a barrier: config.json is written
         distributed.agree(None if config_file.is_file() else FileNotFoundError(
