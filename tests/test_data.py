@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxmetric import data as jdata
 from jaxmetric.data import CIFAR10_CLASSES, DataError, Dataset, Split, balanced_subset, load_cifar10
 from jaxmetric.data import cifar10 as data
 
@@ -633,7 +634,7 @@ def test_default_cache_dir_is_user_cache_not_beside_data(tree, tmp_path, monkeyp
     (tmp_path / "data").mkdir()
     archive = make_tar(root, tmp_path / "data" / "t.tar.xz")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert data.default_cache_dir() == tmp_path / "xdg" / "jaxmetric"
+    assert jdata.default_cache_dir() == tmp_path / "xdg" / "jaxmetric"
     load_cifar10(archive)
     assert len(cache_files(tmp_path / "xdg" / "jaxmetric")) == 1
     assert cache_files(tmp_path / "data") == ["t.tar.xz"]
@@ -690,13 +691,13 @@ def test_channel_stats_and_dataset_normalization():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (37, 5, 6, 3), dtype=np.uint8)
     images[..., 2] = 7  # a constant channel: std 1, not a division by zero
-    mean, std = data.channel_stats(images, chunk=8)
+    mean, std = jdata.channel_stats(images, chunk=8)
     x = images.astype(np.float64) / 255
     np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-12)
     np.testing.assert_allclose(std[:2], x.std(axis=(0, 1, 2))[:2], rtol=1e-9)
     assert std[2] == 1.0
     with pytest.raises(ValueError, match="uint8"):
-        data.channel_stats(x)
+        jdata.channel_stats(x)
     split = Split(images, np.zeros(37, np.int32))
     computed = Dataset(split, split, ("a",))
     assert computed.image_shape == (5, 6, 3)
@@ -716,7 +717,7 @@ def test_real_cifar10_tarball(cifar_tarball, tmp_path):
     assert ds.train.images.shape == (500, 32, 32, 3) and ds.test.images.shape == (200, 32, 32, 3)
     assert ds.normalization == (data.CIFAR10_MEAN, data.CIFAR10_STD)  # the published ones
     assert ds.description.startswith("CIFAR-10 (JPEG q75 copy")
-    computed = data.channel_stats(ds.train.images)  # close to them even on 500 images
+    computed = jdata.channel_stats(ds.train.images)  # close to them even on 500 images
     np.testing.assert_allclose(computed[0], data.CIFAR10_MEAN, atol=0.03)
     np.testing.assert_allclose(computed[1], data.CIFAR10_STD, atol=0.03)
     assert np.bincount(ds.train.labels).tolist() == [50] * 10

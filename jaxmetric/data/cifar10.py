@@ -29,20 +29,20 @@ decoded), and in stored order for the batches and tfds sources.
 Images of trees and archives come out grouped by class (label order, then file name).
 Every image must already be 32x32; other sizes are rejected, not resized.
 
-Decoding JPEGs is the slow part, so arrays decoded from trees and archives are cached
-in an ``.npz`` under ``cache_dir`` (default ``$XDG_CACHE_HOME/jaxmetric`` or
+Decoding JPEGs (:func:`jaxmetric.data.images.decode_image`) is the slow part, so arrays
+decoded from trees and archives are cached (:mod:`jaxmetric.data.cache`) in an ``.npz``
+under ``cache_dir`` (default ``$XDG_CACHE_HOME/jaxmetric`` or
 ``~/.cache/jaxmetric``; ``cache_dir=False`` disables the cache). The cache key covers
 the source path, the size and modification time of the archive (of every image file for
 a tree) and ``max_train``/``max_test``, so a stale cache is never used; files are
 written atomically and a corrupt one is ignored and rebuilt. The other two sources are
 not cached: they are already stored as arrays.
 
-**What the model needs from the data** travels with the :class:`Dataset`: the image
-shape (:attr:`Dataset.image_shape`) and the per-channel mean and standard deviation used
-to normalise its pixels (:attr:`Dataset.normalization`: given when the data set is built,
-else computed from its training images by :func:`channel_stats`). The CIFAR-10 source
-gives the published statistics :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD` and a
-description for reports (:func:`cifar10_description`); nothing outside this module
+**What the model needs from the data** travels with the
+:class:`~jaxmetric.data.Dataset`: the image shape and the per-channel mean and standard
+deviation used to normalise its pixels. The CIFAR-10 source gives the published
+statistics :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD` and a description for reports
+(:func:`cifar10_description`); nothing outside this module
 assumes CIFAR-10.
 """
 
@@ -52,22 +52,28 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import logging
 import os
 import pathlib
 import pickle
 import socket
 import tarfile
-import time
 import warnings
-import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 
-from jaxmetric.utils import atomic_writer, check_positive_int
+from jaxmetric.data.cache import cached
+from jaxmetric.data.images import IMAGE_EXTENSIONS, decode_image, is_image_name
+from jaxmetric.data.types import (
+    DataError,
+    Dataset,
+    Split,
+    balanced_counts,
+    balanced_subset,
+)
+from jaxmetric.utils import check_positive_int
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _np_multiarray
@@ -80,13 +86,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
-    "DataError",
-    "Dataset",
-    "Split",
-    "balanced_subset",
-    "channel_stats",
     "cifar10_description",
-    "default_cache_dir",
     "load_cifar10",
     "tensorflow_on_cpu_only",
 ]
@@ -113,7 +113,6 @@ values every CIFAR recipe normalises with)."""
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 """Per-channel standard deviation of CIFAR-10's training images, in [0, 1] units."""
 IMAGE_SHAPE = (32, 32, 3)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "test")
 BATCH_FILES = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
@@ -121,7 +120,6 @@ BATCH_FILES = {
 }
 META_FILE = "batches.meta"
 BATCHES_FOLDER = "cifar-10-batches-py"
-CACHE_FORMAT_VERSION = 1
 
 DATA_DIR_HINT = (
     "pass --data-dir PATH: a cifar-10-batches-py folder, an image-folder tree "
@@ -131,149 +129,15 @@ _TFDS_HOST = ("www.cs.toronto.edu", 443)  # where tfds downloads CIFAR-10 from
 _NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
-class DataError(Exception):
-    """The data set is missing, malformed or corrupt; the message names the file."""
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Split:
-    """One split of a data set, in host memory.
-
-    Attributes:
-      images: uint8 array (N, H, W, C); (N, 32, 32, 3) for CIFAR-10.
-      labels: int32 array (N,) of class indices.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self):
-        images, labels = self.images, self.labels
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(
-                "Split.images must be a uint8 array (N, H, W, C), got "
-                f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}"
-            )
-        if not isinstance(labels, np.ndarray) or labels.dtype != np.int32 or labels.ndim != 1:
-            raise ValueError(
-                "Split.labels must be an int32 array (N,), got "
-                f"{getattr(labels, 'dtype', type(labels))} {getattr(labels, 'shape', '')}"
-            )
-        if len(images) != len(labels):
-            raise ValueError(f"Split has {len(images)} images but {len(labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-    """Train and test splits plus the class names (``class_names[label]``).
-
-    Attributes:
-      train, test: the splits; their images must have the same shape (H, W, C).
-      class_names: ``class_names[label]``.
-      mean, std: per-channel pixel statistics in [0, 1] units for normalisation (both
-        or neither); None = computed from the training images (:attr:`normalization`).
-      description: how reports name the data, e.g. ``"CIFAR-10 (tensorflow-datasets)"``.
-      input_size: side of the square the model sees when the images are stored larger
-        (see :mod:`jaxmetric.data.folders`): random-resized crops of that size in training,
-        the centre crop at evaluation. None: the images as stored, with the pad-4 crop
-        + flip in training (the CIFAR recipe).
-    """
-
-    train: Split
-    test: Split
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    description: str | None = None
-    input_size: int | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.class_names, tuple) or not self.class_names:
-            raise ValueError(
-                f"Dataset.class_names must be a non-empty tuple, got {self.class_names!r}"
-            )
-        for name, split in (("train", self.train), ("test", self.test)):
-            if len(split) and (
-                split.labels.min() < 0 or split.labels.max() >= len(self.class_names)
-            ):
-                raise ValueError(f"Dataset.{name} has labels outside [0, {len(self.class_names)})")
-        if self.train.images.shape[1:] != self.test.images.shape[1:]:
-            raise ValueError(
-                f"Dataset.train images are {self.train.images.shape[1:]} but test images are "
-                f"{self.test.images.shape[1:]}"
-            )
-        if (self.mean is None) != (self.std is None):
-            raise ValueError("Dataset.mean and Dataset.std go together: give both or neither")
-        if self.mean is not None:
-            channels = self.image_shape[-1]
-            for name in ("mean", "std"):
-                value = tuple(float(v) for v in getattr(self, name))
-                if len(value) != channels:
-                    raise ValueError(
-                        f"Dataset.{name} needs one value per channel ({channels}); got {value}"
-                    )
-                object.__setattr__(self, name, value)
-            if min(self.std) <= 0:
-                raise ValueError(f"Dataset.std must be > 0; got {self.std}")
-        if self.input_size is not None:
-            size = check_positive_int("Dataset.input_size", self.input_size)
-            if size > min(self.image_shape[:2]):
-                raise ValueError(f"Dataset.input_size {size} is larger than the stored images "
-                                 f"{self.image_shape}")
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        """``(H, W, C)`` of every image: what the model is initialised on."""
-        return tuple(int(d) for d in self.train.images.shape[1:])
-
-    @functools.cached_property
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """``(mean, std)`` per channel: the given ones, else :func:`channel_stats` of the
-        training images (computed once)."""
-        if self.mean is not None:
-            return self.mean, self.std
-        return channel_stats(self.train.images)
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def channel_stats(
-    images: np.ndarray, *, chunk: int = 4096
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of uint8 images (N, H, W, C), in [0, 1]
-    units: the statistics :func:`jaxmetric.train.augment.normalize` takes.
-
-    Two passes in float64 over chunks of ``chunk`` images (the mean, then the squared
-    deviations from it), so memory stays small and the result exact to rounding; a
-    channel that is constant gets standard deviation 1 (normalising it then only shifts
-    it).
-    """
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(
-            "channel_stats expects uint8 images (N, H, W, C), got "
-            f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}"
-        )
-    if len(images) == 0:
-        raise ValueError("channel_stats needs at least one image")
-    channels = images.shape[-1]
-    count = images[..., 0].size
-
-    def chunks():
-        for start in range(0, len(images), chunk):
-            yield images[start : start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
-
-    mean = sum(x.sum(axis=0) for x in chunks()) / count
-    std = np.sqrt(sum(np.square(x - mean).sum(axis=0) for x in chunks()) / count)
-    std = np.where(std > 1e-9, std, 1.0)  # rounding leaves ~1e-17 on a constant channel
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def cifar10_description(data_dir: PathLike | None) -> str:
@@ -347,65 +211,16 @@ def _load_cifar10(
         build = lambda: _load_archive(path, max_train, max_test)  # noqa: E731
     else:
         raise DataError(f"{path} is neither a folder nor a file; {DATA_DIR_HINT}")
-    return _cached(path, fingerprint, max_train, max_test, cache_dir, build)
+    return cached(path, fingerprint, max_train, max_test, cache_dir, build)
 
 
-def balanced_subset(labels: Sequence[int] | np.ndarray, n: int, n_classes: int) -> np.ndarray:
-    """Indices of the first ``n`` examples, balanced over classes.
-
-    Each class gets ``n // n_classes`` examples and the remaining ``n % n_classes`` go
-    one each to the lowest labels; a class with fewer examples than its share gives the
-    shortfall to the others, so ``min(n, len(labels))`` indices are returned. Within a
-    class the earliest examples are taken.
-
-    Returns:
-      Sorted int64 indices into ``labels``.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
-    if n_classes < 1:
-        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(
-            f"labels must lie in [0, {n_classes}), got [{labels.min()}, {labels.max()}]"
-        )
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    counts = _balanced_counts(np.bincount(labels, minlength=n_classes), n)
-    picked = [np.flatnonzero(labels == c)[:k] for c, k in enumerate(counts)]
-    return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
-def default_cache_dir() -> pathlib.Path:
-    """``$XDG_CACHE_HOME/jaxmetric``, else ``~/.cache/jaxmetric``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "jaxmetric"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _balanced_counts(available: Sequence[int], n: int) -> np.ndarray:
-    """Per-class counts summing to ``min(n, sum(available))``, as equal as possible.
-
-    Water-filling in label order: every class still short of its available images gets
-    an equal share of what is left; when the share rounds to zero the lowest such labels
-    get one each.
-    """
-    available = np.asarray(available, dtype=np.int64)
-    counts = np.zeros_like(available)
-    remaining = min(int(n), int(available.sum()))
-    while remaining > 0:
-        open_classes = np.flatnonzero(counts < available)
-        share = remaining // len(open_classes)
-        if share == 0:
-            counts[open_classes[:remaining]] += 1
-            break
-        add = np.minimum(share, available[open_classes] - counts[open_classes])
-        counts[open_classes] += add
-        remaining -= int(add.sum())
-    return counts
 
 
 def _take_balanced(dataset: Dataset, max_train: int | None, max_test: int | None) -> Dataset:
@@ -427,29 +242,8 @@ def _class_order(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(names)))
 
 
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _decode_image(data: bytes, name: str, out: np.ndarray) -> None:
-    """Decodes one 32x32 JPEG/PNG into ``out`` (32, 32, 3) uint8, RGB."""
-    from PIL import Image  # Pillow is an optional dependency ("data" extra)
-
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as img:
-            if img.size != IMAGE_SHAPE[1::-1]:
-                raise DataError(
-                    f"{name}: image is {img.size[0]}x{img.size[1]} pixels, expected "
-                    f"{IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]} (resize the data set first)"
-                )
-            rgb = img.convert("RGB")  # decodes the whole file: truncation shows up here
-            out[...] = np.asarray(rgb, dtype=np.uint8)
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(
-            f"{name}: cannot decode image, the file is corrupt or truncated ({e})"
-        ) from e
 
 
 def _decode_split(
@@ -463,7 +257,7 @@ def _decode_split(
     i = 0
     for label, cls in enumerate(class_names):
         for name, read in per_class.get(cls, ()):
-            _decode_image(read(), name, images[i])
+            images[i] = decode_image(read(), name, size=IMAGE_SHAPE[0], resize=False)
             labels[i] = label
             i += 1
     return Split(images, labels)
@@ -504,7 +298,7 @@ def _select(
         counts = (
             [len(e) for e in entries]
             if n is None
-            else _balanced_counts([len(e) for e in entries], n)
+            else balanced_counts([len(e) for e in entries], n)
         )
         chosen = {c: e[:k] for c, e, k in zip(class_names, entries, counts, strict=True)}
         splits[split] = _decode_split(chosen, class_names)
@@ -539,7 +333,7 @@ def _scan_tree(root: pathlib.Path) -> dict[str, dict[str, list[pathlib.Path]]]:
         for class_dir in sorted(split_dir.iterdir()):
             if class_dir.is_dir() and not class_dir.name.startswith("."):
                 tree[split][class_dir.name] = sorted(
-                    (p for p in class_dir.iterdir() if _is_image_name(p.name) and p.is_file()),
+                    (p for p in class_dir.iterdir() if is_image_name(p.name) and p.is_file()),
                     key=lambda p: p.name,
                 )
     return tree
@@ -639,7 +433,7 @@ def _load_archive(path: pathlib.Path, max_train: int | None, max_test: int | Non
                 basename = member.name.rsplit("/", 1)[-1]
                 if basename in batch_names:
                     batch_files[basename] = _read_member(archive, member, path)
-                elif parsed is not None and _is_image_name(parsed[3]):
+                elif parsed is not None and is_image_name(parsed[3]):
                     top, split, cls, fname = parsed
                     data = _read_member(archive, member, path)
                     kept.setdefault((top, split, cls), _FirstByName(limits[split])).add(
@@ -899,91 +693,11 @@ def _check_online() -> None:
         ) from None
 
 
-# --------------------------------------------------------------------------- cache
 
 
-def _cached(
-    source: pathlib.Path,
-    fingerprint: str,
-    max_train: int | None,
-    max_test: int | None,
-    cache_dir: PathLike | None | Literal[False],
-    build: Callable[[], Dataset],
-) -> Dataset:
-    """``build()``, or its result from the .npz cache when source and options match."""
-    if cache_dir is False:
-        return _timed_build(source, build)
-    cache_dir = default_cache_dir() if cache_dir is None else pathlib.Path(cache_dir).expanduser()
-    key = json.dumps(
-        {
-            "version": CACHE_FORMAT_VERSION,
-            "source": str(source.resolve()),
-            "fingerprint": fingerprint,
-            "max_train": max_train,
-            "max_test": max_test,
-        },
-        sort_keys=True,
-    )
-    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in source.name)[:60]
-    cache_file = cache_dir / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
-    dataset = _read_cache(cache_file, key)
-    if dataset is not None:
-        log.info("loaded %s from cache %s", source, cache_file)
-        return dataset
-    dataset = _timed_build(source, build)
-    try:
-        _write_cache(cache_file, key, dataset)
-    except OSError as e:
-        warnings.warn(
-            f"could not write the data cache {cache_file} ({e}); continuing without it",
-            stacklevel=3,
-        )
-    return dataset
 
 
-def _timed_build(source: pathlib.Path, build: Callable[[], Dataset]) -> Dataset:
-    start = time.perf_counter()
-    dataset = build()
-    log.info(
-        "decoded %d + %d images from %s in %.1f s",
-        len(dataset.train),
-        len(dataset.test),
-        source,
-        time.perf_counter() - start,
-    )
-    return dataset
 
 
-def _read_cache(cache_file: pathlib.Path, key: str) -> Dataset | None:
-    """The cached Dataset, or None when the file is absent, stale or corrupt."""
-    if not cache_file.is_file():
-        return None
-    try:
-        with np.load(cache_file, allow_pickle=False) as z:
-            if str(z["key"]) != key:
-                return None
-            return Dataset(
-                Split(z["train_images"], z["train_labels"]),
-                Split(z["test_images"], z["test_labels"]),
-                tuple(str(n) for n in z["class_names"]),
-            )
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        warnings.warn(
-            f"ignoring the unreadable data cache {cache_file} ({e}); rebuilding it", stacklevel=4
-        )
-        return None
 
 
-def _write_cache(cache_file: pathlib.Path, key: str, dataset: Dataset) -> None:
-    """Writes the cache atomically: a temporary file in the same folder, then rename."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(cache_file, "wb") as f:
-        np.savez(
-            f,
-            key=np.array(key),
-            train_images=dataset.train.images,
-            train_labels=dataset.train.labels,
-            test_images=dataset.test.images,
-            test_labels=dataset.test.labels,
-            class_names=np.array(dataset.class_names, dtype=str),
-        )

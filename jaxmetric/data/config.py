@@ -36,9 +36,10 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxmetric.data.cifar10 import Dataset, load_cifar10
+from jaxmetric.data.cifar10 import load_cifar10
 from jaxmetric.data.splits import ClassSplit, hold_out_last, limit
 from jaxmetric.data.tfds_benchmarks import BENCHMARKS
+from jaxmetric.data.types import Dataset
 from jaxmetric.utils import check_choice
 
 __all__ = ["CIFAR10_IMAGE_SIZE", "LOCATION_FIELDS", "SOURCES", "DataConfig", "load"]

@@ -17,17 +17,17 @@ The classes are sorted by name (over ``train/`` and ``test/`` together); which o
 train is chosen with :func:`jaxmetric.data.splits.choose_classes` (the first N, or lists of
 names). Only the images the split uses are decoded.
 
-**Images.** Pillow decodes each file and converts it to ``channels`` channels: 3 (RGB;
-grayscale images are copied to three channels, so a folder that mixes them -- as
-CUB-200-2011 does -- works) or 1 (Pillow's ``"L"``, ITU-R 601-2 luma, for grayscale
-data). Every image is resized on load (:func:`fit_image`: the shorter side to the stored
-size, then the centred square; bilinear, antialiased when shrinking), so images of any
-size and aspect become one array:
+**Images** (:func:`jaxmetric.data.images.decode_image`). Pillow decodes each file and
+converts it to ``channels`` channels: 3 (RGB; grayscale images are copied to three
+channels, so a folder that mixes them -- as CUB-200-2011 does -- works) or 1 (Pillow's
+``"L"``, ITU-R 601-2 luma, for grayscale data). Every image is resized on load (the
+shorter side to the stored size, then the centred square; bilinear, antialiased when
+shrinking), so images of any size and aspect become one array:
 
 * ``image_size < LARGE_IMAGE`` (small images, CIFAR-like): stored at ``image_size``;
   training uses the pad-4 crop + flip;
-* ``image_size >= LARGE_IMAGE``: stored at :func:`stored_size` (``round(image_size *
-  8 / 7)``: 256 for 224, the ImageNet "resize 256, crop 224" recipe) with
+* ``image_size >= LARGE_IMAGE``: stored at :func:`jaxmetric.data.images.stored_size`
+  (``round(image_size * 8 / 7)``: 256 for 224, the ImageNet "resize 256, crop 224" recipe) with
   ``Dataset.input_size = image_size``: training takes random-resized crops of
   ``image_size`` + flip, the evaluation the centre crop (:mod:`jaxmetric.train.augment`).
 
@@ -51,59 +51,32 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from jaxmetric.data.cifar10 import IMAGE_EXTENSIONS, DataError, Dataset, Split
+from jaxmetric.data.images import (
+    CHANNELS,
+    IMAGE_EXTENSIONS,
+    decode_image,
+    stored_size,
+)
 from jaxmetric.data.splits import ClassSplit, choose_classes, split_classes
-from jaxmetric.utils import check_choice, check_positive_int
+from jaxmetric.data.types import DataError, Dataset, Split
+from jaxmetric.utils import check_choice
 
 __all__ = [
-    "CHANNELS",
-    "LARGE_IMAGE",
     "FolderTree",
-    "fit_image",
     "load_folder",
     "scan_folder",
-    "stored_size",
     "to_dataset",
 ]
 
-LARGE_IMAGE = 64
-"""Input sizes from this one up get the random-resized crop; smaller ones the pad crop."""
-RESIZE_RATIO = 8 / 7
-"""Stored side / input side for large images (256 / 224)."""
-CHANNELS = (1, 3)
 SPLITS = ("train", "test")
 MIN_TREE_CLASSES = 4
 """At least two classes to train and two to hold out."""
 
 
-def stored_size(image_size: int) -> int:
-    """The side length images are stored at for model inputs of ``image_size``."""
-    image_size = check_positive_int("image_size", image_size)
-    return image_size if image_size < LARGE_IMAGE else round(image_size * RESIZE_RATIO)
 
 
-def fit_image(image, size: int, channels: int) -> np.ndarray:
-    """A Pillow image as uint8 ``(size, size, channels)``: converted (``"RGB"`` or
-    ``"L"``), the shorter side resized to ``size`` and the centred square kept
-    (``PIL.ImageOps.fit``, bilinear with Pillow's antialiasing)."""
-    from PIL import Image, ImageOps
-
-    image = image.convert("RGB" if channels == 3 else "L")
-    if image.size != (size, size):
-        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
-    out = np.asarray(image, dtype=np.uint8)
-    return out.reshape(size, size, channels)
 
 
-def _decode(path: pathlib.Path, size: int, channels: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path, formats=("JPEG", "PNG")) as image:
-            return fit_image(image, size, channels)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot decode image, the file is corrupt or truncated "
-                        f"({e})") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +164,7 @@ def _decode_all(paths: Sequence[pathlib.Path], size: int, channels: int,
     images = np.empty((len(paths), size, size, channels), np.uint8)
 
     def fill(i: int) -> None:
-        images[i] = _decode(paths[i], size, channels)
+        images[i] = decode_image(paths[i], size=size, channels=channels)
 
     if workers <= 1 or len(paths) < 64:
         for i in range(len(paths)):
@@ -249,7 +222,7 @@ def load_folder(
     Args:
       root: a flat or split tree (see the module docstring).
       image_size: side of the model's square input; sets the stored size
-        (:func:`stored_size`) and the crops.
+        (:func:`jaxmetric.data.images.stored_size`) and the crops.
       channels: 3 (RGB) or 1 (grayscale).
       train_classes: the first N classes (sorted by name) train, the rest are held out.
       train_class_list: the training classes by name (instead of ``train_classes``).

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxmetric.data.cifar10 import Dataset, Split, balanced_subset
+from jaxmetric.data.types import Dataset, Split, balanced_subset
 
 __all__ = ["MIN_CLASSES", "ClassSplit", "choose_classes", "hold_out_last", "limit",
            "split_classes"]

@@ -20,8 +20,8 @@ so their ``train`` and ``test`` splits are merged and cut by label (``label < 10
 Products' tfds splits already are the class-disjoint ``Ebay_train`` / ``Ebay_test``
 lists (label: ``class_id``).
 
-Images are resized on load as for image folders (:func:`jaxmetric.data.folders.fit_image`,
-:func:`jaxmetric.data.folders.stored_size`), with per-channel statistics from the training
+Images are resized on load as for image folders (:func:`jaxmetric.data.images.fit_image`,
+:func:`jaxmetric.data.images.stored_size`), with per-channel statistics from the training
 images. The first use downloads and prepares the data under ``~/tensorflow_datasets``
 (``$TFDS_DATA_DIR``); tfds runs TensorFlow on the CPU only
 (:func:`jaxmetric.data.tensorflow_on_cpu_only`). Memory: every image is held as uint8
@@ -41,9 +41,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from jaxmetric.data.cifar10 import DataError, Dataset, Split, tensorflow_on_cpu_only
-from jaxmetric.data.folders import CHANNELS, fit_image, stored_size
+from jaxmetric.data.cifar10 import tensorflow_on_cpu_only
+from jaxmetric.data.images import CHANNELS, fit_image, stored_size
 from jaxmetric.data.splits import ClassSplit, split_classes
+from jaxmetric.data.types import DataError, Dataset, Split
 from jaxmetric.utils import check_choice
 
 __all__ = ["BENCHMARKS", "Benchmark", "load_tfds", "split_examples"]
@@ -82,7 +83,7 @@ def split_examples(
     description: str | None = None,
 ) -> ClassSplit:
     """The class-disjoint :class:`ClassSplit` of ``(image uint8 (H, W, C), label,
-    tfds split)`` examples, each image resized to :func:`~jaxmetric.data.folders.stored_size`.
+    tfds split)`` examples, each image resized to :func:`~jaxmetric.data.images.stored_size`.
     Held-out images are all queries (no gallery)."""
     from PIL import Image
 
