@@ -52,7 +52,7 @@ def build_parser(prog: str, description: str, run_name: str) -> argparse.Argumen
     flags.add_config_arguments(p.add_argument_group(
         "training configuration (jaxmetric.train.config.TrainConfig; without --out the run "
         f"folder is runs/{run_name}-<loss>-<time>)"), required=("loss",))
-    dist = p.add_argument_group("several processes (see README, 'More than one machine')")
+    dist = p.add_argument_group("several processes (see docs/distributed.md)")
     dist.add_argument("--coordinator", help="HOST:PORT of process 0 (env JAXMETRIC_COORDINATOR)")
     dist.add_argument("--num-processes", type=int, help="env JAXMETRIC_NUM_PROCESSES")
     dist.add_argument("--process-id", type=int, help="env JAXMETRIC_PROCESS_ID")
