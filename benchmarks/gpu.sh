@@ -18,9 +18,9 @@
 # Everything it writes is under $OUT:
 #   gpu.log, losses-gpu.json, throughput.json, result-{triplet,contrastive}.json,
 #   tsne-{triplet,contrastive}.png
-# Copy the result JSONs to benchmarks/results/ and the figures into README.
+# Copy the result JSONs to benchmarks/results/ and the figures into docs/benchmarks/gpu.md.
 set -uo pipefail
-# Knobs (the CPU dry run in README shrinks them):
+# Knobs (the CPU dry run in docs/benchmarks/gpu.md shrinks them):
 OUT=${OUT:-/tmp/jaxmetric-gpu}
 DATA=${DATA:-data/cifar10-jpeg.tar.xz}
 SIZES=${SIZES:-1024 4096 16384}   # loss kernels: batch sizes

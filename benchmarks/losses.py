@@ -1,6 +1,6 @@
 """Loss + gradient benchmark: jaxmetric vs the lecture's loops and its B×B×B mask.
 
-    python -m benchmarks.losses                      # default table (README)
+    python -m benchmarks.losses                      # default table (docs/benchmarks)
     python -m benchmarks.losses --sizes 1024 4096 --modes all semihard
     python -m benchmarks.losses --json benchmarks/results/losses-cpu.json
     python -m benchmarks.losses --pml-python /path/to/venv-with-pml/bin/python
@@ -8,7 +8,7 @@
         --pml-python /path/to/venv-with-pml/bin/python    # the other losses
 
 ``--losses`` picks the losses (default: the triplet loss, every mining mode, as in the
-README's table). The others (:data:`OTHER_LOSSES`) run their defaults, jaxmetric against
+loss-kernel table). The others (:data:`OTHER_LOSSES`) run their defaults, jaxmetric against
 PML's class set to the same loss where ``--pml-python`` is given: ``soft_triplet`` is
 ``triplet_loss(margin="soft")`` over all triplets vs ``TripletMarginLoss(margin=0,
 smooth_loss=True)``; ``multi_similarity`` includes PML's ``MultiSimilarityMiner``;

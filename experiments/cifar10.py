@@ -59,7 +59,7 @@ def config_from_args(args, parser) -> TrainConfig:
 
 
 CPU_COMMAND = "python -m experiments.cifar10 --preset cpu --loss LOSS --data-dir DATA"
-"""The README's small CPU run (2.5-3.5 minutes of training on two cores)."""
+"""The small CPU run of docs/training.md (2.5-3.5 minutes of training on two cores)."""
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,7 @@ def build_parser(prog: str, description: str, run_name: str,
     if data_fields:
         flags.add_config_arguments(p.add_argument_group("data (jaxmetric.data.DataConfig)"),
                                    DataConfig, fields=data_fields)
-    dist = p.add_argument_group("several processes (see README, 'More than one machine')")
+    dist = p.add_argument_group("several processes (see docs/distributed.md)")
     dist.add_argument("--coordinator", help="HOST:PORT of process 0 (env JAXMETRIC_COORDINATOR)")
     dist.add_argument("--num-processes", type=int, help="env JAXMETRIC_NUM_PROCESSES")
     dist.add_argument("--process-id", type=int, help="env JAXMETRIC_PROCESS_ID")

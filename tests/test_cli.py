@@ -101,29 +101,38 @@ def test_module_entry_points_show_help():
 
 # ------------------------------------------------------------- documented commands
 
-def _documented_commands():
-    """Every ``python -m experiments.cifar10 ...`` command in README.md and ``--help``,
-    as argument lists (line continuations joined, environment prefixes dropped)."""
+def _doc_texts():
+    """The code blocks of README.md and of every page under docs/."""
+    paths = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
+    blocks = []
+    for path in paths:
+        inside = False
+        for line in path.read_text().splitlines():
+            if line.lstrip().startswith("```"):
+                inside = not inside
+                blocks.append("")
+            elif inside:
+                blocks[-1] += line + "\n"
+    return blocks
+
+
+def _documented_commands(module="experiments.cifar10", docstring=None):
+    """Every ``python -m <module> ...`` command in README.md, docs/**/*.md and the
+    module's docstring (``--help``), as argument lists (line continuations joined,
+    environment prefixes dropped)."""
     import re
     import shlex
 
-    readme = (REPO_ROOT / "README.md").read_text()
-    blocks, inside = [], False
-    for line in readme.splitlines():
-        if line.startswith("```"):
-            inside = not inside
-            blocks.append("")
-        elif inside:
-            blocks[-1] += line + "\n"
-    texts = [*blocks, cifar10.__doc__]
+    command = f"python -m {module}"
+    texts = [*_doc_texts(), cifar10.__doc__ if docstring is None else docstring]
     commands = []
     for text in texts:
         text = re.sub(r"\\+\n", " ", text)  # shell line continuations
         for line in text.splitlines():
-            if "python -m experiments.cifar10" not in line:
+            if command not in line:
                 continue
             line = line.split(" #")[0]
-            words = shlex.split(line.split("python -m experiments.cifar10", 1)[1])
+            words = shlex.split(line.split(command, 1)[1])
             commands.append([w for w in words if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w)])
     return commands
 
@@ -136,6 +145,30 @@ def test_every_documented_command_builds_a_valid_config():
         args = parser.parse_args(argv)
         config = cifar10.config_from_args(args, parser)  # exits 2 on a bad combination
         assert config.warmup < config.epochs, argv
+
+
+def test_every_documented_retrieval_command_builds_a_valid_config():
+    from experiments import driver, retrieval
+
+    commands = _documented_commands("experiments.retrieval", retrieval.__doc__)
+    assert len(commands) >= 3
+    for argv in commands:
+        parser = retrieval.build_parser()
+        args = parser.parse_args(argv)
+        config = driver.config_from_args(args, parser)
+        data = retrieval.data_config_from_args(args, parser, config)  # exits 2 if invalid
+        assert (data.tfds is None) != (data.path is None), argv
+        assert config.warmup < config.epochs, argv
+
+
+def test_the_command_check_reads_the_docs_and_fails_on_a_bad_flag():
+    """The docs pages are read (the ImageNet-weights command lives only there), and a
+    command with a flag that does not exist would stop the test above."""
+    assert any("--pretrained" in argv for argv in _documented_commands())
+    (bad,) = _documented_commands(docstring="python -m experiments.cifar10 --no-such-flag 1\n")[-1:]
+    with pytest.raises(SystemExit) as exit_info:
+        cifar10.build_parser().parse_args(bad)
+    assert exit_info.value.code == 2
 
 
 def _config(argv):

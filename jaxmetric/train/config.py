@@ -2,7 +2,7 @@
 
 The defaults are a ResNet-18 (CIFAR stem) recipe for one GPU, from the standard
 CIFAR-10 ResNet training setup, with the loss settings and the initialisation chosen by
-controlled runs against pytorch-metric-learning (README, "Side by side with PyTorch"):
+controlled runs against pytorch-metric-learning (docs/benchmarks/peer-training.md):
 
 * SGD with Nesterov momentum 0.9, weight decay 5e-4 on the conv/dense kernels only (not
   on BatchNorm scales and biases), a linear warm-up over 5 epochs (a tenth of the run
