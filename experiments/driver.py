@@ -130,6 +130,31 @@ def setup_logging(verbose: bool) -> None:
             pass
 
 
+CPU_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def split_cpu_by_default(batch_size: int) -> int | None:
+    """Without ``--cpu-devices``: split the CPU into one XLA device per core, or the
+    largest divisor of the batch below the core count
+    (:func:`jaxmetric.train.mesh.default_cpu_devices`; unused when a GPU or TPU trains).
+    Leaves the devices alone when ``XLA_FLAGS`` already sets their number, or when JAX
+    has already started (a program calling :func:`main` after using JAX). Returns the
+    count chosen, or None."""
+    import os
+
+    from jaxmetric.train import use_cpu_devices
+    from jaxmetric.train.mesh import default_cpu_devices
+
+    if CPU_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return None
+    count = default_cpu_devices(batch_size)
+    try:
+        use_cpu_devices(count)
+    except RuntimeError:
+        return None
+    return count
+
+
 def main(parser: argparse.ArgumentParser, run: Callable[..., int], argv=None) -> int:
     """Parse ``argv``, build the config, set up logging, then ``run(args, parser,
     config)`` with log lines that do not tear the progress bars apart."""
@@ -144,6 +169,8 @@ def main(parser: argparse.ArgumentParser, run: Callable[..., int], argv=None) ->
             use_cpu_devices(args.cpu_devices)
         except (ValueError, RuntimeError) as e:
             parser.error(f"--cpu-devices: {e}")
+    else:
+        split_cpu_by_default(config.batch_size)
     setup_logging(args.verbose)
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -499,3 +499,32 @@ def test_use_cpu_devices_splits_the_cpu_before_jax_starts():
         train.use_cpu_devices(len(jax.local_devices(backend="cpu")) + 1)
     with pytest.raises(ValueError, match="int >= 1"):
         train.use_cpu_devices(0)
+
+
+def test_default_cpu_devices_is_the_largest_divisor_of_the_batch_within_the_cores():
+    from jaxmetric.train.mesh import default_cpu_devices
+
+    assert default_cpu_devices(256, cores=2) == 2
+    assert default_cpu_devices(100, cores=8) == 5
+    assert default_cpu_devices(7, cores=4) == 1
+    assert default_cpu_devices(3, cores=16) == 3
+    with pytest.raises(ValueError):
+        default_cpu_devices(0, cores=2)
+
+
+def test_the_command_line_uses_every_core_by_default_and_respects_xla_flags():
+    import pathlib
+
+    code = ("from experiments import driver; from jaxmetric.train.mesh import "
+            "default_cpu_devices as d; n = driver.split_cpu_by_default(6); import jax; "
+            "print(n, d(6), len(jax.devices()))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, cwd=pathlib.Path(__file__).parents[1])
+    chosen, expected, devices = out.stdout.split()
+    assert chosen == expected == devices
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, cwd=pathlib.Path(__file__).parents[1])
+    assert out.stdout.split()[0] == "None" and out.stdout.split()[2] == "3"

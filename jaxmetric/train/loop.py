@@ -32,7 +32,7 @@ from jaxmetric.train.checkpoints import (
     save_checkpoint,
 )
 from jaxmetric.train.config import TrainConfig
-from jaxmetric.train.mesh import AXIS, make_mesh
+from jaxmetric.train.mesh import AXIS, available_cores, make_mesh
 from jaxmetric.train.objective import make_loss_fn
 from jaxmetric.train.rundir import append_record, prepare_run_dir, truncate_metrics
 from jaxmetric.train.state import InputSpec, TrainState, initial_state
@@ -92,10 +92,15 @@ def _mean_metrics(chunks: list[dict[str, jax.Array]]) -> dict[str, float]:
 def _log_setup(config, dataset, state, mesh, steps) -> None:
     kinds = sorted({d.platform for d in mesh.devices.flat})
     train, test = dataset.train, getattr(dataset, "test", None)
-    log.info("training %s (%s parameters, %s) on %d %s device%s: %s training%s images, "
+    cores = ""
+    if kinds == ["cpu"]:
+        cores = (f" ({available_cores()} cores; the command line's default: one CPU device "
+                 "per core, or the largest divisor of the batch below that; --cpu-devices N "
+                 "to change)")
+    log.info("training %s (%s parameters, %s) on %d %s device%s%s: %s training%s images, "
              "batch %d, %d steps/epoch x %d epochs", config.model,
              f"{count_params(state.params):,}", config.dtype, mesh.size, "/".join(kinds),
-             "s" if mesh.size > 1 else "", f"{len(train):,}",
+             "s" if mesh.size > 1 else "", cores, f"{len(train):,}",
              f" / {len(test):,} test" if test is not None and len(test) else "",
              config.batch_size,
              steps, config.epochs)
