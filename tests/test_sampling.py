@@ -148,3 +148,64 @@ def test_class_balanced_errors(batch_size, p, match):
 def test_class_balanced_rejects_float_labels():
     with pytest.raises(ValueError, match="integer"):
         class_balanced_batches(rng(), np.zeros(10, np.float32), 4, 2)
+
+
+# ------------------------------------------------- random or class-balanced: the rule
+
+
+def test_random_batch_positives_matches_a_simulation():
+    from jaxmetric.train.sampling import random_batch_positives
+
+    labels = np.repeat(np.arange(300), 20)  # 300 classes x 20 images
+    mean, without = random_batch_positives(labels, 256)
+    assert mean == pytest.approx(255 * 19 / 5999)
+    g = np.random.default_rng(0)
+    sim_mean, sim_without = [], []
+    for _ in range(200):
+        batch = labels[g.permutation(len(labels))[:256]]
+        counts = np.bincount(batch, minlength=300)[batch] - 1
+        sim_mean.append(counts.mean())
+        sim_without.append((counts == 0).mean())
+    assert np.mean(sim_mean) == pytest.approx(mean, rel=0.05)
+    assert np.mean(sim_without) == pytest.approx(without, abs=0.02)
+
+
+def test_auto_chooses_class_balanced_batches_only_when_random_ones_lack_positives():
+    from jaxmetric.train.sampling import choose_classes_per_batch
+
+    cifar = np.repeat(np.arange(10), 1000)
+    choice = choose_classes_per_batch(cifar, 256, "auto")
+    assert choice.classes_per_batch is None and "25.5 positives per anchor" in choice.reason
+    many = np.repeat(np.arange(300), 20)
+    choice = choose_classes_per_batch(many, 256, "auto")
+    assert choice.classes_per_batch == 64 and "64 classes x 4 images" in choice.reason
+    assert choice.without_positive > 0.4
+    # a batch 4 does not divide: the smallest K >= 4 that does
+    assert choose_classes_per_batch(many, 250, "auto").classes_per_batch == 50
+    # proxy / classification losses need no positives in the batch
+    assert choose_classes_per_batch(many, 256, "auto",
+                                    needs_positives=False).classes_per_batch is None
+    # explicit settings are kept
+    assert choose_classes_per_batch(many, 256, None).classes_per_batch is None
+    assert choose_classes_per_batch(cifar, 256, 8).classes_per_batch == 8
+    # too few classes for any split of the batch into >= 4 images each: random
+    few = np.repeat(np.arange(3), 2)
+    assert choose_classes_per_batch(few, 6, "auto").classes_per_batch is None
+
+
+def test_fit_logs_the_choice_and_warns_about_anchors_without_positives(caplog):
+    from jaxmetric.train import sampling
+    from jaxmetric.train.config import TrainConfig
+    from jaxmetric.train.loop import _log_batches, batch_choice, epoch_indices
+
+    labels = np.repeat(np.arange(300), 20).astype(np.int32)
+    config = TrainConfig(loss="triplet", batch_size=256, classes_per_batch=None)
+    with caplog.at_level("INFO", logger="jaxmetric"):
+        _log_batches(batch_choice(config, labels), pairs=True)
+    assert "have no positive" in caplog.text and "random batches" in caplog.text
+    auto = TrainConfig(loss="triplet", batch_size=256)
+    assert auto.classes_per_batch == "auto"
+    indices = epoch_indices(auto, labels, 0)
+    per_batch = [len(np.unique(labels[b])) for b in indices]
+    assert set(per_batch) == {64}
+    assert isinstance(batch_choice(auto, labels), sampling.BatchChoice)

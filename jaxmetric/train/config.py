@@ -10,7 +10,8 @@ controlled runs against pytorch-metric-learning (docs/benchmarks/peer-training.m
   al.'s linear scaling rule: 0.2 at the default batch of 512) and a cosine decay to 0;
 * batch 512: with 10 classes a random batch has ~51 images per class, so every anchor
   has plenty of positives and negatives and no class-balanced sampling is needed
-  (``classes_per_batch=None``); 100 epochs with random crop + flip augmentation;
+  (``classes_per_batch="auto"`` chooses random batches there, and class-balanced ones
+  for data of many classes with few images each); 100 epochs with random crop + flip augmentation;
 * PyTorch's default layer initialisation (``weight_init="torch"``): its weights are
   about half as large as He's, and since every conv is followed by BatchNorm and the
   head by the L2 normalisation, smaller weights mean a larger effective learning rate.
@@ -61,6 +62,17 @@ SGD_LR_PER_256 = 0.1
 DEFAULT_WARMUP_EPOCHS = 5.0
 ADAMW_LR = 1e-3
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
+
+
+AUTO = "auto"
+
+
+def _classes_per_batch(text: str) -> int | str:  # argparse names it "P|auto" in errors
+    """``--classes-per-batch``: ``auto`` or a number of classes."""
+    return AUTO if text.strip().lower() == AUTO else int(text)
+
+
+_classes_per_batch.__name__ = "P|auto"
 
 
 def _field(default, help: str, **meta) -> Any:
@@ -132,8 +144,11 @@ class TrainConfig:
     xbm_weight: float = _field(1.0, "weight of the memory's loss term, added to the batch's")
     epochs: int = _field(100, "passes over the training set")
     batch_size: int = _field(512, "global batch, split evenly over the devices")
-    classes_per_batch: int | None = _field(
-        None, "P of class-balanced 'P classes x K images' batches; None: plain shuffling")
+    classes_per_batch: int | str | None = _field(
+        "auto", "P of class-balanced 'P classes x K images' batches; none: plain shuffling; "
+        "auto: class-balanced batches of 4 images per class when a random batch would give "
+        "a pair-based loss fewer than 3 positives per anchor, else shuffling "
+        "(jaxmetric.train.sampling)", convert=_classes_per_batch, metavar="P|auto")
     augment: bool = _field(True, "random crop (pad 4) + horizontal flip on device; "
                            "--no-augment: normalise only")
     optimizer: str = _field("sgd", "sgd (Nesterov momentum) or adamw", choices=OPTIMIZERS)
@@ -192,7 +207,7 @@ class TrainConfig:
                 f"({self.epochs}), or the cosine decay never starts"
             )
         self._check_loss()
-        if self.classes_per_batch is not None:
+        if self.classes_per_batch is not None and self.classes_per_batch != AUTO:
             _int("classes_per_batch", self.classes_per_batch, minimum=1)
             if self.batch_size % self.classes_per_batch:
                 raise ValueError(

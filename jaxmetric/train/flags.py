@@ -92,7 +92,10 @@ def add_config_arguments(parser, config_cls: type = TrainConfig, *,
     for field in dataclasses.fields(config_cls):
         if fields is not None and field.name not in fields:
             continue
-        kind, optional = _base_type(hints[field.name])
+        if "convert" in field.metadata:  # the field says how its text becomes a value
+            kind, optional = None, type(None) in typing.get_args(hints[field.name])
+        else:
+            kind, optional = _base_type(hints[field.name])
         flag = field.metadata.get("flag", flag_name(field.name))
         common = dict(dest=field.name, default=argparse.SUPPRESS,
                       help=_help(field, field.name in required))

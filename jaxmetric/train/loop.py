@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmetric import distributed
+from jaxmetric.losses import registry
 from jaxmetric.models import count_params
 from jaxmetric.train import monitor, sampling
 from jaxmetric.train.checkpoints import (
@@ -48,13 +49,25 @@ FINITE_METRICS = {"loss": "the training loss", "grad_norm": "the gradient norm",
 still show in the gradient, and an overflow in the update in the parameters)."""
 
 
-def epoch_indices(config: TrainConfig, labels: np.ndarray, epoch: int) -> np.ndarray:
-    """The epoch's batches of indices ``(steps, batch_size)``, from ``(seed, epoch)``."""
+def batch_choice(config: TrainConfig, labels: np.ndarray) -> sampling.BatchChoice:
+    """Random or class-balanced batches for this run (``config.classes_per_batch``,
+    ``"auto"`` resolved by :func:`jaxmetric.train.sampling.choose_classes_per_batch`)."""
+    needs_positives = registry.get(config.loss).pairs
+    return sampling.choose_classes_per_batch(labels, config.batch_size,
+                                             config.classes_per_batch,
+                                             needs_positives=needs_positives)
+
+
+def epoch_indices(config: TrainConfig, labels: np.ndarray, epoch: int,
+                  classes_per_batch: int | None | str = "config") -> np.ndarray:
+    """The epoch's batches of indices ``(steps, batch_size)``, from ``(seed, epoch)``
+    (``classes_per_batch``: the resolved :func:`batch_choice`, computed when not given)."""
+    if classes_per_batch == "config":
+        classes_per_batch = batch_choice(config, labels).classes_per_batch
     rng = np.random.default_rng([config.seed, epoch])
-    if config.classes_per_batch is None:
+    if classes_per_batch is None:
         return sampling.shuffled_batches(rng, len(labels), config.batch_size)
-    return sampling.class_balanced_batches(rng, labels, config.batch_size,
-                                           config.classes_per_batch)
+    return sampling.class_balanced_batches(rng, labels, config.batch_size, classes_per_batch)
 
 
 def epoch_line(record: Mapping[str, Any], epochs: int) -> str:
@@ -104,6 +117,19 @@ def _log_setup(config, dataset, state, mesh, steps) -> None:
              f" / {len(test):,} test" if test is not None and len(test) else "",
              config.batch_size,
              steps, config.epochs)
+
+
+FEW_POSITIVES_WARNING = 0.25
+"""Warn when random batches leave more than this fraction of anchors without a positive."""
+
+
+def _log_batches(choice: sampling.BatchChoice, pairs: bool) -> None:
+    log.info("batches: %s", choice.reason)
+    without = choice.without_positive
+    if choice.classes_per_batch is None and pairs and without > FEW_POSITIVES_WARNING:
+        log.warning("%.0f%% of the anchors of a random batch have no positive: the loss "
+                    "learns little from them; use class-balanced batches "
+                    "(--classes-per-batch auto or P)", 100 * without)
 
 
 def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
@@ -179,6 +205,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     progress = progress and primary
     train = dataset.train
     steps = sampling.steps_per_epoch(len(train), config.batch_size)
+    choice = batch_choice(config, train.labels)
     distributed.check_same_data(train.images, train.labels)
     prepare_run_dir(out_dir, config, resume, data)
 
@@ -190,6 +217,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     replicated = NamedSharding(mesh, P())
     if primary:
         _log_setup(config, dataset, state, mesh, steps)
+        _log_batches(choice, registry.get(config.loss).pairs)
     accelerator = any(d.platform != "cpu" for d in mesh.devices.flat)
     collapse = monitor.CollapseDetector(patience=max(steps, 20))
     timed = min(steps - 1, 10)  # steps timed after the compiling first one
@@ -219,7 +247,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
 
         for epoch in range(start_epoch, config.epochs):
             # The same global batches on every process; each feeds its devices' slice.
-            indices = epoch_indices(config, train.labels, epoch)
+            indices = epoch_indices(config, train.labels, epoch, choice.classes_per_batch)
             bar = tqdm(total=steps * config.batch_size, desc=f"epoch {epoch + 1}/{config.epochs}",
                        unit="img", unit_scale=True, disable=not progress, leave=False)
             start, cpu_start = time.perf_counter(), time.process_time()

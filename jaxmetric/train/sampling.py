@@ -4,13 +4,89 @@ Each function returns an int32 array (steps, batch_size) of example indices for 
 epoch. Every batch has the same shape, so a jitted train step compiles once; the trainer
 gathers ``images[indices[step]]`` from a device-resident training set. All randomness
 comes from the ``np.random.Generator`` passed in, so a seed fixes the epoch.
+
+**Random or class-balanced batches** (:func:`choose_classes_per_batch`). A pair-based
+loss learns only from anchors that have a positive in the batch. In a shuffled batch of
+``B`` drawn from ``N`` training images, an anchor of class ``c`` (``n_c`` images) has
+on average ``(B - 1)(n_c - 1)/(N - 1)`` positives (:func:`random_batch_positives`: the
+mean over anchors), and none with probability about ``(1 - (n_c - 1)/(N - 1))^(B-1)``.
+With 10 classes and ``B = 256`` that is ~25 positives and no anchor without one; with
+300 classes of 20 images it is 0.85, and ~43 % of the anchors have none. Class-balanced
+batches of ``P`` classes x ``K`` images give every anchor ``K - 1`` positives. The rule:
+take ``K =`` :data:`AUTO_IMAGES_PER_CLASS` (4, the usual ``m`` of
+pytorch-metric-learning's ``MPerClassSampler``) images per class when a random batch
+gives fewer than ``K - 1`` positives per anchor on average, else shuffle.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-__all__ = ["class_balanced_batches", "shuffled_batches", "steps_per_epoch"]
+__all__ = ["AUTO_IMAGES_PER_CLASS", "BatchChoice", "choose_classes_per_batch",
+           "class_balanced_batches", "random_batch_positives", "shuffled_batches",
+           "steps_per_epoch"]
+
+AUTO_IMAGES_PER_CLASS = 4
+"""K of the class-balanced batches chosen automatically."""
+
+
+def random_batch_positives(labels: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """``(mean positives per anchor, fraction of anchors without one)`` in a shuffled
+    batch of ``batch_size`` from ``labels`` (see the module docstring; the fraction uses
+    the with-replacement approximation of the hypergeometric law)."""
+    counts = np.bincount(np.asarray(labels)).astype(np.float64)
+    counts = counts[counts > 0]
+    n = counts.sum()
+    if n < 2:
+        return 0.0, 1.0
+    share = counts / n  # the chance an anchor is of class c
+    same = (counts - 1) / (n - 1)  # the chance another image is of the anchor's class
+    mean = float(np.sum(share * (batch_size - 1) * same))
+    without = float(np.sum(share * (1.0 - same) ** (batch_size - 1)))
+    return mean, without
+
+
+class BatchChoice(NamedTuple):
+    """What :func:`choose_classes_per_batch` decided, with a sentence for the setup line."""
+
+    classes_per_batch: int | None
+    """P of class-balanced batches, or None: shuffled batches."""
+    reason: str
+    without_positive: float
+    """The fraction of anchors of a *random* batch without a positive."""
+
+
+def choose_classes_per_batch(labels: np.ndarray, batch_size: int, setting, *,
+                             needs_positives: bool = True) -> BatchChoice:
+    """Resolve the ``classes_per_batch`` setting: an int (P) or None (shuffled) as
+    given; ``"auto"``: the rule of the module docstring, for losses that need positives
+    in the batch (``needs_positives``; proxy and classification losses shuffle)."""
+    mean, without = random_batch_positives(labels, batch_size)
+    stats = (f"a random batch gives {mean:.1f} positives per anchor, "
+             f"{100 * without:.0f}% of anchors none")
+    if setting != "auto":
+        if setting is None:
+            return BatchChoice(None, f"random batches ({stats})", without)
+        return BatchChoice(int(setting), f"class-balanced batches of {setting} classes x "
+                           f"{batch_size // int(setting)} images", without)
+    if not needs_positives:
+        return BatchChoice(None, "random batches (the loss learns class proxies/weights: "
+                           "no positives needed in the batch)", without)
+    k = AUTO_IMAGES_PER_CLASS
+    classes = int(np.count_nonzero(np.bincount(np.asarray(labels)) >= 2))
+    if mean >= k - 1:
+        return BatchChoice(None, f"random batches ({stats}; auto switches to class-balanced "
+                           f"batches of {k} images per class below {k - 1})", without)
+    for kk in range(k, batch_size // 2 + 1):  # the smallest K >= 4 that divides the batch
+        if batch_size % kk == 0 and batch_size // kk <= classes:
+            p = batch_size // kk
+            return BatchChoice(p, f"class-balanced batches of {p} classes x {kk} images, "
+                               f"chosen because {stats}, fewer than {k - 1} "
+                               "(--classes-per-batch none: random)", without)
+    return BatchChoice(None, f"random batches ({stats}; no class-balanced split of batch "
+                       f"{batch_size} into >= {k} images of <= {classes} classes)", without)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
