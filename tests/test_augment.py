@@ -220,3 +220,33 @@ def test_augment_resized_shape_flip_and_normalisation():
     jitted = jax.jit(augment_resized, static_argnames=("size", "mean", "std", "dtype"))
     assert jitted(jax.random.key(3), jnp.asarray(images), size=16, mean=(0.5,),
                   std=(0.25,)).shape == (8, 16, 16, 1)
+
+
+def test_no_flip_keeps_the_crops_and_never_mirrors():
+    """``flip=False`` (``--no-flip``): the same crops as with the flip, none mirrored."""
+    import jax
+    import numpy as np
+
+    from jaxmetric.train.state import InputSpec
+    from jaxmetric.train.step import _augment_per_example
+
+    rng = np.random.default_rng(0)
+    images = jax.numpy.asarray(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    inputs = InputSpec(shape=(8, 8, 3), mean=(0.5,) * 3, std=(0.25,) * 3)
+    key = jax.random.key(3)
+    flipped = np.asarray(_augment_per_example(key, images, 0, inputs, jax.numpy.float32))
+    plain = np.asarray(_augment_per_example(key, images, 0, inputs, jax.numpy.float32,
+                                            flip=False))
+    same = [np.array_equal(a, b) for a, b in zip(plain, flipped, strict=True)]
+    mirrored = [np.array_equal(a, b[:, ::-1]) for a, b in zip(plain, flipped, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True))
+    assert 0 < sum(mirrored) < len(plain)  # the flip did mirror some; plain mirrored none
+
+
+def test_no_flip_flag():
+    from experiments import cifar10
+
+    parser = cifar10.build_parser()
+    config = cifar10.config_from_args(parser.parse_args(["--loss", "triplet", "--no-flip"]),
+                                      parser)
+    assert config.flip is False and config.augment is True

@@ -151,6 +151,9 @@ class TrainConfig:
         "(jaxmetric.train.sampling)", convert=_classes_per_batch, metavar="P|auto")
     augment: bool = _field(True, "random crop (pad 4) + horizontal flip on device; "
                            "--no-augment: normalise only")
+    flip: bool = _field(True, "with augment: mirror a random half of the images; --no-flip "
+                        "keeps the crop and drops the flip (digits, characters, text: "
+                        "mirroring changes their class)")
     optimizer: str = _field("sgd", "sgd (Nesterov momentum) or adamw", choices=OPTIMIZERS)
     lr: float | None = _field(None, "peak learning rate; None: 0.1 * batch_size / 256 (sgd) "
                               "or 1e-3 (adamw)")

@@ -238,7 +238,7 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
 
         step_fn = make_train_step(make_loss_fn(config), mesh, augment=config.augment,
                                   dtype=dtype, xbm_weight=config.xbm_weight,
-                                  freeze_bn=config.freeze_bn)
+                                  freeze_bn=config.freeze_bn, flip=config.flip)
         # Every process holds the whole training set and puts it on its own devices.
         images = distributed.put(train.images, replicated)
         labels = distributed.put(train.labels, replicated)

@@ -49,18 +49,19 @@ METRICS = ("loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", 
 """The float32 scalars every step returns (means over the global batch)."""
 
 
-def _augment_per_example(rng, images, offset, inputs, dtype):
+def _augment_per_example(rng, images, offset, inputs, dtype, flip=True):
     """Crop + flip with a key per example, ``fold_in(rng, offset + i)``: the pad-4 crop,
-    or the random-resized crop to ``inputs.shape`` (``inputs.crop == "resized"``)."""
+    or the random-resized crop to ``inputs.shape`` (``inputs.crop == "resized"``); no
+    flip with ``flip=False`` (the same crops)."""
     positions = offset + jnp.arange(images.shape[0], dtype=jnp.int32)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, positions)
     mean, std = inputs.mean, inputs.std
     if inputs.crop == "resized":
         one = lambda k, im: augment_resized(k, im[None], size=inputs.shape[0],  # noqa: E731
-                                            mean=mean, std=std, dtype=dtype)[0]
+                                            mean=mean, std=std, dtype=dtype, flip=flip)[0]
     else:
         one = lambda k, im: augment_images(k, im[None], mean=mean, std=std,  # noqa: E731
-                                           dtype=dtype)[0]
+                                           dtype=dtype, flip=flip)[0]
     return jax.vmap(one)(keys, images)
 
 
@@ -90,7 +91,8 @@ def _learned(loss_params):
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                loss_fn: Callable, axis_name: str | None = None, augment: bool = True,
-               dtype=jnp.float32, xbm_weight: float = 1.0, freeze_bn: bool = False,
+               flip: bool = True, dtype=jnp.float32, xbm_weight: float = 1.0,
+               freeze_bn: bool = False,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; pure.
 
@@ -107,6 +109,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       axis_name: the mesh axis when run inside ``jax.shard_map(..., check_vma=True)``
         (see the module docstring for why that typing is required); None on one device.
       augment: random crop + flip; False = normalise only.
+      flip: with ``augment``, mirror a random half of the images; False keeps the crop
+        and drops the flip (digits, characters, text: mirroring changes their class).
       dtype: dtype of the model input.
       xbm_weight: weight of the cross-batch memory's loss term (when the state has a
         memory, :mod:`jaxmetric.losses.xbm`): ``loss = loss(batch) + xbm_weight *
@@ -137,7 +141,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
                 "invariant typing the gradient cannot be summed over devices correctly")
         offset = jax.lax.axis_index(axis_name) * images.shape[0]
     if augment:
-        x = _augment_per_example(rng, images, offset, state.inputs, dtype)
+        x = _augment_per_example(rng, images, offset, state.inputs, dtype, flip)
     else:
         x = normalize(eval_view(images, state.inputs), state.inputs.mean, state.inputs.std,
                       dtype=dtype)
@@ -199,7 +203,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
 
 def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtype=jnp.float32,
-                    xbm_weight: float = 1.0, freeze_bn: bool = False):
+                    xbm_weight: float = 1.0, freeze_bn: bool = False, flip: bool = True):
     """Jitted, data-parallel ``step(state, images, labels, indices, key)``.
 
     ``images`` (N, H, W, C) uint8 and ``labels`` (N,) are the whole training set,
@@ -216,7 +220,7 @@ def make_train_step(loss_fn: Callable, mesh: Mesh, *, augment: bool = True, dtyp
         rng = jax.random.fold_in(key, state.step)
         return train_step(state, batch, rng, loss_fn=loss_fn, axis_name=AXIS,
                           augment=augment, dtype=dtype, xbm_weight=xbm_weight,
-                          freeze_bn=freeze_bn)
+                          freeze_bn=freeze_bn, flip=flip)
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P()),
                             out_specs=(P(), P()), check_vma=True)
