@@ -257,8 +257,7 @@ def jaxmetric_config(args, data_path):
     fields = dict(model="homebrew", embed_dim=EMBED_DIM, batch_size=BATCH_SIZE,
                   epochs=args.epochs, warmup_epochs=args.warmup_epochs, optimizer="sgd",
                   lr=PEAK_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, augment=True,
-                  max_train=args.max_train, max_test=args.max_test, loss=args.loss,
-                  margin=MARGIN[args.loss], seed=args.seed, data_dir=str(data_path))
+                  loss=args.loss, margin=MARGIN[args.loss], seed=args.seed)
     fields |= parse_jax_set(args.jax_set)
     try:
         return TrainConfig(**fields)
@@ -280,8 +279,7 @@ def run_jaxmetric(args, data_path) -> dict:
         train.use_cpu_devices(args.jax_cpu_devices)
 
     config = jaxmetric_config(args, data_path)
-    dataset = data.load_cifar10(data_path, max_train=config.max_train,
-                                max_test=config.max_test)
+    dataset = data.load_cifar10(data_path, max_train=args.max_train, max_test=args.max_test)
     steps = sampling.steps_per_epoch(len(dataset.train), config.batch_size)
     with tempfile.TemporaryDirectory(prefix="peer-jaxmetric-") as tmp:
         out = pathlib.Path(tmp) / "run"
