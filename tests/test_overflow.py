@@ -280,3 +280,47 @@ def test_huge_row_under_shard_map_equals_single_device():
                                    err_msg=fn.__name__)
     np.testing.assert_allclose(float(single[0][0]), float(losses.supcon_loss(x0, y)[0]),
                                rtol=2e-5)
+
+
+# ------------------------------------------------------------------ margin: beta per class
+
+
+def test_margin_per_class_beta_checks_labels():
+    """Labels index the per-class beta as they index proxies: an eager ValueError, NaN
+    (loss, info, mean_beta; not the pair counts) under jit; padded rows and a scalar
+    beta take any label."""
+    x, _ = _data()
+    beta = jnp.array([1.0, 1.2, 0.9])
+    valid = np.arange(B) != ROW
+    run = jax.jit(lambda e, y, v: losses.margin_loss(e, y, beta, valid=v))
+    clean = run(x, LABELS, valid)
+    for bad in (-1, C, C + 5):
+        y = LABELS.copy()
+        y[ROW] = bad
+        with pytest.raises(ValueError, match=rf"\[0, {C}\).*beta.*{bad}"):
+            losses.margin_loss(x, y, beta)
+        loss, info = run(x, y, np.ones(B, bool))
+        assert np.isnan(loss), bad
+        for k, v in info.items():
+            assert np.isfinite(v) if k in ("num_pos_pairs", "num_neg_pairs") else np.isnan(v), k
+        loss, info = run(x, y, valid)
+        np.testing.assert_array_equal(loss, clean[0])
+        np.testing.assert_array_equal(info["mean_beta"], clean[1]["mean_beta"])
+        losses.margin_loss(x, y, beta, valid=valid)  # padded: fine eagerly too
+        assert np.isfinite(losses.margin_loss(x, y, 1.2)[0])  # scalar beta: any label
+
+
+def test_margin_bad_label_under_shard_map_is_nan_everywhere():
+    devices = jax.devices()[:8]
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 16).astype(np.int32)
+    y[9] = 3  # on device 4
+    beta = jnp.array([1.0, 1.2, 0.9])
+    mesh = Mesh(np.array(devices), ("batch",))
+    loss = jax.jit(jax.shard_map(
+        lambda e, lab: losses.margin_loss(e, lab, beta, axis_name="batch")[0][None],
+        mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))(x, y)
+    assert np.isnan(np.asarray(loss)).all()
