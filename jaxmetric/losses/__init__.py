@@ -85,9 +85,9 @@ a NaN or ±inf (after the cast to float32), the loss is NaN, on every device, un
 (``"none"``: every anchor's value); padded rows never count (above). Without this
 rule the masks would swallow such a row while the gradient is NaN, and a run that
 stops on a non-finite *loss* would go on with NaN parameters. Whether a bad row shows
-in the loss by itself depends on accidents of the arithmetic: a NaN squared distance
-becomes an ``"l2"`` distance of 0 in :func:`~jaxmetric.distances.safe_sqrt`, +inf
-distances vanish in ``relu(m - d) = 0`` and are never the ``min`` picked as the
+in the loss by itself depends on accidents of the arithmetic: a NaN distance of a pair
+the masks leave out is dropped by ``where``, a comparison ``d > 0`` is false for NaN,
++inf distances vanish in ``relu(m - d) = 0`` and are never the ``min`` picked as the
 closest negative, the sort keys of the mining map NaN to 0, while ``min`` and the
 weighted sums ``w * d`` (``0 * NaN = NaN``) do propagate NaN.
 
@@ -106,6 +106,15 @@ undefined for such a batch; the counts fixed by the labels and ``valid`` alone
 (``num_pos_pairs``, ``num_neg_pairs``, ``num_valid_triplets``) stay exact. The
 gradient of such a batch is undefined too and is left as it comes out (in practice
 NaN).
+
+**Large finite inputs.** The normalisation and the distances scale each row by a power
+of two before squaring (:mod:`jaxmetric.distances`), so no row of finite norm is
+mistaken for a zero or a NaN one: the cosine losses (SupCon, NT-Xent, Multi-Similarity,
+Circle, the proxy and margin-softmax losses) give the same value for ``c * x`` as for
+``x`` at every finite ``c > 0``, with finite gradients; the ``"l2"`` distance is right up
+to ~3e38 and ``"squared_l2"`` up to squared distances of ~3e38 (distances of ~1.8e19),
+beyond which it is ``inf``: a Euclidean loss is then right or visibly inf / NaN, and a
+finite loss comes with a finite gradient (``tests/test_overflow.py``).
 
 References:
   A. Kak, C. Bouman, "Metric Learning", Purdue lecture slides (sections 2-4); each

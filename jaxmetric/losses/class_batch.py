@@ -53,6 +53,7 @@ __all__ = [
     "check_label_range",
     "gather",
     "largest_other",
+    "nan_if_out_of_range",
     "pair_info",
     "row_loss",
 ]
@@ -92,10 +93,12 @@ def check_class_vectors(vectors, dim: int, *, name: str = "proxies",
     return vectors.astype(jnp.float32)
 
 
-def check_label_range(labels, valid, num_classes: int, *, name: str = "proxies") -> None:
+def check_label_range(labels, valid, num_classes: int, *, name: str = "proxies",
+                      per_class: str = "row") -> None:
     """Raises ``ValueError`` if a valid row's concrete label is outside
     ``[0, num_classes)`` (``valid=None``: every row); traced labels pass (module
-    docstring)."""
+    docstring). The message names ``name``, which holds one ``per_class`` (``"row"``,
+    ``"entry"``) per class."""
     if isinstance(labels, jax.core.Tracer) or isinstance(valid, jax.core.Tracer):
         return
     lab = np.asarray(labels)
@@ -104,8 +107,17 @@ def check_label_range(labels, valid, num_classes: int, *, name: str = "proxies")
     bad = (lab < 0) | (lab >= num_classes)
     if bad.any():
         raise ValueError(
-            f"labels must be class ids in [0, {num_classes}) (one row of {name} per "
-            f"class); got {sorted(set(lab[bad].tolist()))[:5]}")
+            f"labels must be class ids in [0, {num_classes}) (one {per_class} of {name} "
+            f"per class); got {sorted(set(lab[bad].tolist()))[:5]}")
+
+
+def nan_if_out_of_range(labels, valid, num_classes: int, axis_name) -> jax.Array:
+    """NaN if a valid row's label on any device of ``axis_name`` is outside
+    ``[0, num_classes)``, else 0: the traced half of the rule (module docstring), a
+    float32 scalar without gradient, equal on every device."""
+    out_of_range = valid & ((labels < 0) | (labels >= num_classes))
+    num_bad = jax.lax.stop_gradient(reductions.total(out_of_range, axis_name))
+    return jnp.where(num_bad > 0, jnp.float32(jnp.nan), jnp.float32(0.0))
 
 
 def gather(embeddings, labels, vectors, valid=None, axis_name=None, *,
@@ -126,10 +138,8 @@ def gather(embeddings, labels, vectors, valid=None, axis_name=None, *,
                                   min_classes=min_classes)
     num_classes = vectors.shape[0]
     check_label_range(labels, valid, num_classes, name=name)
-    out_of_range = b.anchor_valid & ((b.anchor_labels < 0) | (b.anchor_labels >= num_classes))
-    num_bad = jax.lax.stop_gradient(reductions.total(out_of_range, axis_name))
     nan = (b.nan_if_nonfinite + batch_lib.nan_if_nonfinite(vectors, None)  # replicated
-           + jnp.where(num_bad > 0, jnp.float32(jnp.nan), jnp.float32(0.0)))
+           + nan_if_out_of_range(b.anchor_labels, b.anchor_valid, num_classes, axis_name))
     b = b._replace(nan_if_nonfinite=nan)
     cos = 1.0 - distances.cross_cosine_distances(b.anchors, vectors)
     same = b.anchor_labels[:, None] == jnp.arange(num_classes, dtype=b.anchor_labels.dtype)

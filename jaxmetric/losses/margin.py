@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxmetric import distances
+from jaxmetric.losses import class_batch, reductions
 from jaxmetric.losses import pair_batch as batch_lib
-from jaxmetric.losses import reductions
 from jaxmetric.losses.reductions import Terms, safe_mean
 from jaxmetric.utils import check_choice, check_number
 
@@ -83,7 +83,10 @@ def margin_loss(
 
     Args:
       embeddings: (B, D) float embeddings (any float dtype; computed in float32).
-      labels: (B,) integer class labels; in ``[0, C)`` with a per-class ``beta``.
+      labels: (B,) integer class labels; in ``[0, C)`` with a per-class ``beta``
+        (checked as the proxy losses check theirs: a ``ValueError`` for concrete
+        labels, a NaN loss and info, ``mean_beta`` included, for traced ones; padded
+        rows may hold any label).
       beta: the boundary, a float scalar or (C,) one per class (may be traced).
       margin: :math:`\alpha \ge 0`, in the distance's units.
       nu: :math:`\nu \ge 0`, the weight of the regulariser.
@@ -138,6 +141,13 @@ def margin_loss(
     pos, neg = batch_lib.pair_masks(b)
 
     rows = b.anchor_labels.shape[0]
+    label_nan = jnp.float32(0.0)
+    if beta.ndim == 1:  # beta[labels]: the labels index beta, as they index proxies
+        class_batch.check_label_range(labels, valid, beta.shape[0], name="beta",
+                                      per_class="entry")
+        label_nan = class_batch.nan_if_out_of_range(b.anchor_labels, b.anchor_valid,
+                                                    beta.shape[0], axis_name)
+        b = b._replace(nan_if_nonfinite=b.nan_if_nonfinite + label_nan)
     beta_i = jnp.broadcast_to(beta if beta.ndim == 0 else beta[b.anchor_labels], (rows,))
     pos_terms = jnp.where(pos, jax.nn.relu(margin + d - beta_i[:, None]), 0.0)
     neg_terms = jnp.where(neg, jax.nn.relu(margin - d + beta_i[:, None]), 0.0)
@@ -164,7 +174,7 @@ def margin_loss(
         "active_fraction": safe_mean(num_active_pos + num_active_neg,
                                      info["num_pos_pairs"] + info["num_neg_pairs"]),
         "mean_beta": safe_mean(total(jnp.where(b.anchor_valid, beta_i, 0.0)),
-                               total(b.anchor_valid)),
+                               total(b.anchor_valid)) + label_nan,
     }
     exact = batch_lib.PAIR_COUNTS + ("mean_beta",)
     return batch_lib.finish(b, loss, info, groups, reduction, exact)
