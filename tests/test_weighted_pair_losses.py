@@ -89,7 +89,7 @@ def test_margin_grad_of_beta_matches_oracle():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(9, 3)).astype(np.float32) * 0.6
     labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
-    for pairs in weighted_pair_losses.MARGIN_PAIRS:
+    for pairs in losses.MARGIN_PAIRS:
         for beta in (np.float64(0.9), np.array([0.7, 1.0, 1.3])):
             kw = dict(nu=0.2, pairs=pairs, reduction="mean")
             g = jax.grad(lambda b, kw=kw: losses.margin_loss(x, labels, b, **kw)[0])(
