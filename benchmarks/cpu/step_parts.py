@@ -1,9 +1,9 @@
 """Where a CPU training step's time goes: jaxmetric (XLA:CPU) next to PyTorch + PML.
 
-    python -m benchmarks.step_parts --model homebrew --batch-size 256 \\
+    python -m benchmarks.cpu.step_parts --model homebrew --batch-size 256 \\
         --json benchmarks/results/step-parts-cpu.json
-    python -m benchmarks.step_parts --model resnet18 --batch-size 128       # slower
-    python -m benchmarks.step_parts --steps 3 --reps 3 --loop-images 1024 \\
+    python -m benchmarks.cpu.step_parts --model resnet18 --batch-size 128       # slower
+    python -m benchmarks.cpu.step_parts --steps 3 --reps 3 --loop-images 1024 \\
         --images 2048 --repeat 1                                           # smoke test
 
 Times the parts of one training step, and the whole step and loop, in jaxmetric and in
@@ -574,7 +574,7 @@ def markdown(summary: dict, loss: str, header: str) -> str:
 
 
 def drive(args, argv) -> int:
-    command = "python -m benchmarks.step_parts " + shlex.join(argv)
+    command = "python -m benchmarks.cpu.step_parts " + shlex.join(argv)
     doc = {
         "benchmark": "step_parts",
         "command": command,
@@ -597,7 +597,7 @@ def drive(args, argv) -> int:
         for rep in range(args.repeat):
             for side in SIDES:
                 run_json = pathlib.Path(tmp) / f"{side}-{rep}.json"
-                cmd = [sys.executable, "-m", "benchmarks.step_parts", "--side", side,
+                cmd = [sys.executable, "-m", "benchmarks.cpu.step_parts", "--side", side,
                        "--model", args.model, "--batch-size", str(args.batch_size),
                        "--loss", args.loss, "--images", str(args.images),
                        "--loop-images", str(args.loop_images), "--steps", str(args.steps),
@@ -644,7 +644,8 @@ def drive(args, argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.step_parts", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu.step_parts",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="homebrew")
     p.add_argument("--batch-size", type=int, default=256)
