@@ -39,8 +39,17 @@ import sys
 import tempfile
 import time
 
-from benchmarks.cpu.step_parts import LOSSES, MODELS, batch_indices, git_state
-from benchmarks.peer_training import environment, finish_driver, run_child, write_json
+from benchmarks.common import (
+    LOSSES,
+    MODELS,
+    batch_indices,
+    environment,
+    finish_driver,
+    git_state,
+    run_child,
+    synthetic_dataset,
+    write_json,
+)
 
 MODES = ("synchronised", "independent")
 # an HLO instruction line's opcode: ``%name = shape all-reduce(`` (also ``-start`` forms)
@@ -56,7 +65,6 @@ def run_mode(args) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from benchmarks.throughput import synthetic_dataset
     from jaxmetric import train
     from jaxmetric.train.config import TrainConfig
 

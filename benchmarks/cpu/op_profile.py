@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.cpu.step_parts import unit_embeddings
+    from benchmarks.common import unit_embeddings
     from jaxmetric import models
 
     if jax.default_backend() != "cpu":

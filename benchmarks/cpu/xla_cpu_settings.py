@@ -41,8 +41,15 @@ import sys
 import tempfile
 import time
 
-from benchmarks.cpu.step_parts import LOSSES, MODELS, git_state
-from benchmarks.peer_training import REPO, environment, finish_driver, run_child
+from benchmarks.common import (
+    LOSSES,
+    MODELS,
+    REPO,
+    environment,
+    finish_driver,
+    git_state,
+    run_child,
+)
 
 # name -> (XLA flags, extra arguments of the step_parts run)
 SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
