@@ -1,6 +1,6 @@
 import doctest
-import importlib
 import functools
+import importlib
 
 import chex
 import jax
