@@ -15,38 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
-import time
 
-
-def collect(run_dir, *, command: str, device: str | None = None) -> dict:
-    import jax
-
-    run_dir = pathlib.Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    speeds = [r["images_per_second"] for r in records[1:]] or [records[0]["images_per_second"]]
-    if device is None:
-        d = jax.devices()[0]
-        device = f"{jax.device_count()} x {d.device_kind} ({d.platform})"
-    return {
-        "loss": config["loss"],
-        "mining": config.get("mining"),
-        "model": config["model"],
-        "epochs": len(records),
-        "precision_at_1": metrics["test_vs_train"]["precision_at_1"],
-        "r_precision": metrics["test_vs_test"]["r_precision"],
-        "map_at_r": metrics["test_vs_test"]["map_at_r"],
-        "train_seconds": sum(r["epoch_seconds"] for r in records),
-        "images_per_second": statistics.median(speeds),
-        "device": device,
-        "date": time.strftime("%Y-%m-%d"),
-        "command": command,
-        "dataset": metrics.get("run", {}).get("dataset"),
-        "config": config,
-        "metrics": metrics,
-    }
+from benchmarks.common import collect
 
 
 def main(argv=None):

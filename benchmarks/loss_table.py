@@ -7,7 +7,7 @@ Runs ``python -m experiments.cifar10 --preset cpu --loss NAME --seed S`` (the ho
 CNN, the first 10,000 training and 2,000 test images, 10 epochs, batch 256) for each
 loss of :data:`jaxmetric.losses.registry.NAMES` (or ``--losses``) and seed, one process at a
 time, each with the loss's defaults (``jaxmetric.losses.registry.LOSSES`` and the loss
-function's own), and collects each run folder (:func:`benchmarks.collect_run.collect`:
+function's own), and collects each run folder (:func:`benchmarks.common.collect`:
 P@1 test→train, R-precision and MAP@R test→test, training seconds, images/s). Extra
 flags for every run go after ``--``. A finished run folder is collected again instead of
 being trained twice, so an interrupted table can be completed.
@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks.collect_run import collect
+from benchmarks.common import collect
 from jaxmetric.train.config import LOSSES
 from jaxmetric.utils import write_atomic
 

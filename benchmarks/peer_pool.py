@@ -4,7 +4,7 @@
         benchmarks/results/peer-training-cpu-2dev.json \\
         benchmarks/results/peer-training-cpu-2dev-chunked.json
 
-Per loss and side, :func:`benchmarks.peer_training.summarise` over the pooled runs (the
+Per loss and side, :func:`benchmarks.common.summarise_peer_runs` over the pooled runs (the
 seeds, mean ± sample sd of P@1 and R-precision, ...), and per loss the standard error of
 the P@1 difference (jaxmetric − PyTorch, in points), ``sqrt(sd_j² / n_j + sd_p² / n_p)``:
 the two sides' seeds are independent draws (the same seed number drives different
@@ -12,7 +12,7 @@ random streams in the two frameworks). A seed run twice (in two files) is counte
 from the last file. The table shows quality only: the files may come from different
 settings (devices, convolution chunking) and machine states, so compare speeds within
 one file. With ``--cpu`` a second table gives each side's CPU use in epochs 2..N
-(:func:`benchmarks.peer_training.steady_cpu_use`): the work per epoch in CPU seconds,
+(:func:`benchmarks.common.steady_cpu_use`): the work per epoch in CPU seconds,
 which other work on the machine changes little, and the cores kept busy.
 """
 
@@ -23,7 +23,7 @@ import json
 import math
 import sys
 
-from benchmarks.peer_training import LOSSES, SIDE_NAMES, SIDES, summarise
+from benchmarks.common import LOSSES, PEER_SIDE_NAMES, PEER_SIDES, summarise_peer_runs
 
 
 def pooled_runs(docs: list[dict]) -> list[dict]:
@@ -36,9 +36,9 @@ def pooled_runs(docs: list[dict]) -> list[dict]:
 
 
 def pool(docs: list[dict]) -> dict:
-    """:func:`benchmarks.peer_training.summarise` over the pooled runs, with the standard
+    """:func:`benchmarks.common.summarise_peer_runs` over the pooled runs, with the standard
     error of the P@1 difference (in points) added to each loss's comparison."""
-    summary = summarise(pooled_runs(docs), LOSSES, SIDES)
+    summary = summarise_peer_runs(pooled_runs(docs), LOSSES, PEER_SIDES)
     for per in summary.values():
         if "jaxmetric_vs_pml" in per:
             j, p = per["jaxmetric"], per["pml"]
@@ -53,14 +53,14 @@ def pool(docs: list[dict]) -> dict:
 def markdown(summary: dict) -> str:
     lines = ["| loss | side | seeds | P@1 test→train | R-precision |", "|---|---|---|---|---|"]
     for loss, per in summary.items():
-        for side in SIDES:
+        for side in PEER_SIDES:
             if side in per:
                 s = per[side]
                 seeds = ", ".join(map(str, sorted(s["seeds"])))
                 p1, rp = (f"{100 * s[k + '_mean']:.1f}"
                           + (f" ± {100 * s[k + '_sd']:.1f}" if s[k + "_sd"] is not None else "")
                           + " %" for k in ("precision_at_1", "r_precision"))
-                lines.append(f"| {loss} | {SIDE_NAMES[side]} | {seeds} | {p1} | {rp} |")
+                lines.append(f"| {loss} | {PEER_SIDE_NAMES[side]} | {seeds} | {p1} | {rp} |")
         if "jaxmetric_vs_pml" in per:
             d = per["jaxmetric_vs_pml"]
             se = d["precision_at_1_diff_se_points"]
@@ -78,10 +78,10 @@ def cpu_markdown(summary: dict) -> str:
 
     lines = ["| loss | side | CPU s per epoch | cores busy |", "|---|---|---|---|"]
     for loss, per in summary.items():
-        for side in SIDES:
+        for side in PEER_SIDES:
             if side in per:
                 s = per[side]
-                lines.append(f"| {loss} | {SIDE_NAMES[side]} | "
+                lines.append(f"| {loss} | {PEER_SIDE_NAMES[side]} | "
                              f"{num(s['steady_cpu_seconds_per_epoch_mean'], '.1f')} | "
                              f"{num(s['steady_cores_busy_mean'], '.2f')} |")
         if "jaxmetric_vs_pml" in per:

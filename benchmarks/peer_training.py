@@ -85,41 +85,48 @@ import json
 import math
 import os
 import pathlib
-import platform
 import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import zlib
-from importlib import metadata
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from benchmarks.common import (  # stdlib-only at import time: safe for both sides
+    EMBED_DIM,
+    LOSSES,
+    MARGIN,
+    MOMENTUM,
+    PAD,
+    PEAK_LR,
+    PEER_SIDE_NAMES,
+    PEER_SIDES,
+    REPO,
+    WARMUP_EPOCHS,
+    WEIGHT_DECAY,
+    WIDTHS,
+    TorchAugment,
+    environment,
+    run_child,
+    summarise_peer_runs,
+    torch_checkpoint,
+    torch_loss,
+    torch_model,
+    torch_optimizer,
+    warmup_cosine_lr,
+    write_json,
+)
+
 DATA_ENV = "JAXMETRIC_CIFAR10"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
 
-SIDES = ("jaxmetric", "pml")
-SIDE_NAMES = {"jaxmetric": "jaxmetric", "pml": "PyTorch + PML"}
-LOSSES = ("triplet", "contrastive")
-MARGIN = {"triplet": 0.2, "contrastive": 1.0}
 TORCH_INITS = ("default", "he")
 TORCH_REDUCERS = ("default", "mean")
 
-WIDTHS = (32, 64, 128, 128)
-EMBED_DIM = 128
 BATCH_SIZE = 256
-PEAK_LR = 0.1
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
-WARMUP_EPOCHS = 1
-PAD = 4
-BN_EPS = 1e-5
-NORM_EPS = 1e-6
 EMBED_BATCH = 1024
 
 
-# ------------------------------------------------------------------------------ common
+# ------------------------------------------------------------------------------ inputs
 
 
 def resolve_data(path: str | None) -> pathlib.Path:
@@ -151,23 +158,6 @@ def parse_jax_set(items) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
-
-
-def warmup_cosine_lr(step: int, *, steps_per_epoch: int, epochs: int,
-                     warmup_epochs: float = WARMUP_EPOCHS, peak: float = PEAK_LR) -> float:
-    """The learning rate before update ``step`` (0-based), as jaxmetric computes it.
-
-    ``optax.warmup_cosine_decay_schedule(0, peak, warmup, max(total, warmup + 1), 0)``
-    with ``warmup = round(warmup_epochs * steps_per_epoch)`` (jaxmetric.train.make_schedule):
-    linear from 0 over ``warmup`` steps, then a half cosine reaching 0 at step ``total``.
-    """
-    total = epochs * steps_per_epoch
-    warmup = int(round(warmup_epochs * steps_per_epoch))
-    decay_steps = max(total, warmup + 1)
-    if step < warmup:
-        return peak * step / warmup
-    t = min(step - warmup, decay_steps - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * t / (decay_steps - warmup)))
 
 
 def probe_steps(steps_per_epoch: int, epochs: int, warmup_epochs: float) -> list[int]:
@@ -213,38 +203,6 @@ def score(train_emb, test_emb, dataset) -> dict:
         "test_vs_test_r_precision": ts["r_precision"],
         "metrics": metrics,
         "search_seconds": time.perf_counter() - t0,
-    }
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def environment() -> dict:
-    return {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "versions": {d: _version(d) for d in (
-            "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch",
-            "pytorch-metric-learning", "faiss-cpu", "numpy")},
-        "xla_flags": os.environ.get("XLA_FLAGS"),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
 
 
@@ -318,104 +276,11 @@ def run_jaxmetric(args, data_path) -> dict:
 # ---------------------------------------------------------------------------- torch side
 
 
-def torch_model(init: str):
-    """The homebrew network in PyTorch (NCHW), initialised as ``init`` says."""
-    from torch import nn
-
-    class Homebrew(nn.Module):
-        def __init__(self):
-            super().__init__()
-            layers, cin = [], 3
-            for i, width in enumerate(WIDTHS):
-                layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False),
-                           nn.BatchNorm2d(width, eps=BN_EPS, momentum=0.1),
-                           nn.ReLU(inplace=True)]
-                if i < len(WIDTHS) - 1:
-                    layers.append(nn.MaxPool2d(2))
-                cin = width
-            self.trunk = nn.Sequential(*layers)
-            self.head = nn.Linear(cin, EMBED_DIM)
-
-        def forward(self, x):
-            x = self.head(self.trunk(x).mean(dim=(2, 3)))
-            return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-
-    model = Homebrew()
-    if init == "he":
-        # jaxmetric's initialisation: He fan-out normal convs (untruncated), flax's
-        # Dense default (LeCun normal truncated at 2 sd) and a zero bias.
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                std = math.sqrt(1.0 / m.in_features) / 0.87962566103423978
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(m.bias)
-    elif init != "default":
-        raise ValueError(f"unknown --torch-init {init!r}")
-    return model
-
-
-def torch_loss(loss: str, reducer: str):
-    from pytorch_metric_learning import distances, losses, reducers
-
-    kwargs = {}
-    if reducer == "mean":
-        kwargs["reducer"] = reducers.MeanReducer()
-    elif reducer != "default":
-        raise ValueError(f"unknown --torch-reducer {reducer!r}")
-    if loss == "triplet":
-        return losses.TripletMarginLoss(margin=MARGIN["triplet"],
-                                        distance=distances.LpDistance(power=2), **kwargs)
-    return losses.ContrastiveLoss(**kwargs)
-
-
 def _describe_reducer(reducer) -> str:
     subs = getattr(reducer, "reducers", None)
     if subs:  # a loss with sub-losses: each reduced on its own, then added
         return " + ".join(f"{name}: {type(r).__name__}" for name, r in subs.items())
     return type(reducer).__name__
-
-
-class TorchAugment:
-    """Zero-pad, per-example random crop + flip, normalise: uint8 NHWC -> float NCHW.
-
-    Vectorised over the batch: the crop offsets and flips become one index tensor into
-    the flattened padded batch (the flip folded into the column order) and a single
-    ``torch.take`` gathers every crop; no Python loop over images.
-    """
-
-    def __init__(self, generator, mean, std):
-        import torch
-
-        self.torch = torch
-        self.generator = generator
-        mean = torch.tensor(mean, dtype=torch.float32)
-        std = torch.tensor(std, dtype=torch.float32)
-        # (x / 255 - mean) / std as one multiply-add per channel
-        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
-        self.shift = (-mean / std).view(1, -1, 1, 1)
-
-    def normalize(self, images):
-        x = images.permute(0, 3, 1, 2).to(self.torch.float32,
-                                          memory_format=self.torch.contiguous_format)
-        return x.mul_(self.scale).add_(self.shift)
-
-    def __call__(self, images):
-        torch = self.torch
-        b, h, w, c = images.shape
-        hp, wp = h + 2 * PAD, w + 2 * PAD
-        padded = torch.zeros((b, hp, wp, c), dtype=images.dtype)
-        padded[:, PAD:PAD + h, PAD:PAD + w] = images
-        offsets = torch.randint(0, 2 * PAD + 1, (b, 2), generator=self.generator)
-        flips = torch.rand(b, generator=self.generator) < 0.5
-        rows = offsets[:, :1] + torch.arange(h)
-        cols = offsets[:, 1:] + torch.arange(w)
-        cols = torch.where(flips[:, None], cols.flip(1), cols)
-        pixel = (torch.arange(b)[:, None, None] * (hp * wp) + rows[:, :, None] * wp
-                 + cols[:, None, :])
-        crops = torch.take(padded, pixel[..., None] * c + torch.arange(c))
-        return self.normalize(crops)
 
 
 def run_pml(args, data_path) -> dict:
@@ -523,59 +388,6 @@ def run_pml(args, data_path) -> dict:
     return result
 
 
-def write_json(path, obj) -> None:
-    """``obj`` as indented JSON, written whole or not at all
-    (:func:`jaxmetric.utils.write_atomic`)."""
-    from jaxmetric.utils import write_atomic
-
-    write_atomic(path, json.dumps(obj, indent=1, default=float) + "\n")
-
-
-def torch_optimizer(model, lr: float, weight_decay: float = WEIGHT_DECAY):
-    """SGD with Nesterov momentum, weight decay on kernels (ndim > 1) only: jaxmetric's
-    ``make_optimizer`` for ``optimizer="sgd"``."""
-    import torch
-
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=MOMENTUM, nesterov=True)
-
-
-def torch_checkpoint(path, model, optimizer, generator, epoch: int, step: int) -> None:
-    """What the PyTorch loop saves every epoch, written whole or not at all."""
-    import torch
-
-    from jaxmetric.utils import atomic_writer
-
-    with atomic_writer(path, "wb") as f:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "epoch": epoch, "step": step, "generator": generator.get_state()}, f)
-
-
-def run_child(cmd: list[str], run_json: pathlib.Path,
-              env: dict | None = None) -> tuple[dict | None, str | None]:
-    """Run one benchmark process (in ``env``, default this one's); ``(its JSON result,
-    None)`` or ``(None, the error)``."""
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
-    if proc.returncode != 0 or not run_json.exists():
-        return None, f"exit status {proc.returncode}"
-    return json.loads(run_json.read_text()), None
-
-
-def finish_driver(doc: dict, json_path: str | None, table: str, failed: list[str]) -> int:
-    """End of a benchmark driver: write ``doc`` (if it has runs), print the table and the
-    failed runs; the exit status (1 if any failed)."""
-    if json_path and doc["runs"]:
-        write_json(pathlib.Path(json_path), doc)
-    print()
-    print(table)
-    for f in failed:
-        print(f"FAILED: {f}", file=sys.stderr)
-    return 1 if failed else 0
-
-
 def run_one(args) -> int:
     data_path = resolve_data(args.data)
     fn = run_jaxmetric if args.side == "jaxmetric" else run_pml
@@ -594,81 +406,11 @@ def run_one(args) -> int:
 # -------------------------------------------------------------------------------- driver
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return statistics.fmean(values) if values else None
-
-
-def _sd(values):
-    values = [v for v in values if v is not None]
-    return statistics.stdev(values) if len(values) > 1 else None
-
-
-SUMMARY_KEYS = ("train_seconds", "first_epoch_seconds", "images_per_second",
-                "steady_images_per_second", "embed_seconds", "search_seconds")
-
-
-def steady_cpu_use(run: dict) -> dict:
-    """The CPU the run used in epochs 2..N, from its per-epoch process CPU and wall times.
-
-    ``cpu_seconds_per_epoch`` is the work done (all threads' CPU time, averaged over the
-    epochs), ``cores_busy`` = CPU seconds / wall seconds, how many cores it kept busy on
-    average. Both ``None`` for a run without two epochs of CPU times.
-    """
-    cpu = run.get("epoch_cpu_seconds") or []
-    wall = run.get("epoch_seconds") or []
-    if len(cpu) != len(wall):
-        return {"cpu_seconds_per_epoch": None, "cores_busy": None}
-    pairs = [(c, w) for c, w in zip(cpu[1:], wall[1:], strict=True) if c is not None]
-    if not pairs:
-        return {"cpu_seconds_per_epoch": None, "cores_busy": None}
-    c, w = sum(c for c, _ in pairs), sum(w for _, w in pairs)
-    return {"cpu_seconds_per_epoch": c / len(pairs), "cores_busy": c / w}
-
-
-def summarise(runs: list[dict], losses, sides) -> dict:
-    out = {}
-    for loss in losses:
-        per = {}
-        for side in sides:
-            rs = [r for r in runs if r["loss"] == loss and r["side"] == side and "error" not in r]
-            if not rs:
-                continue
-            s = {"n": len(rs), "seeds": [r["seed"] for r in rs]}
-            for key in ("precision_at_1", "r_precision", "map_at_r",
-                        "test_vs_test_precision_at_1"):
-                s[f"{key}_mean"] = _mean([r[key] for r in rs])
-                s[f"{key}_sd"] = _sd([r[key] for r in rs])
-            for key in SUMMARY_KEYS:
-                s[f"{key}_mean"] = _mean([r[key] for r in rs])
-            for key in ("cpu_seconds_per_epoch", "cores_busy"):
-                s[f"steady_{key}_mean"] = _mean([steady_cpu_use(r)[key] for r in rs])
-            per[side] = s
-        if "jaxmetric" in per and "pml" in per:
-            j, p = per["jaxmetric"], per["pml"]
-            def ratio(k, j=j, p=p):
-                return (j[k] / p[k]) if j[k] and p[k] else None
-
-            per["jaxmetric_vs_pml"] = {
-                "precision_at_1_diff_points": 100 * (j["precision_at_1_mean"]
-                                                     - p["precision_at_1_mean"]),
-                "r_precision_diff_points": 100 * (j["r_precision_mean"]
-                                                  - p["r_precision_mean"]),
-                "images_per_second_ratio": ratio("images_per_second_mean"),
-                "steady_images_per_second_ratio": ratio("steady_images_per_second_mean"),
-                "train_seconds_ratio": ratio("train_seconds_mean"),
-                "steady_cpu_seconds_per_epoch_ratio": ratio("steady_cpu_seconds_per_epoch_mean"),
-                "steady_cores_busy_ratio": ratio("steady_cores_busy_mean"),
-            }
-        out[loss] = per
-    return out
-
-
 def checks(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     out = {
         "param_count": {side: sorted({r["param_count"] for r in ok if r["side"] == side})
-                        for side in SIDES},
+                        for side in PEER_SIDES},
         "same_data": len({json.dumps(r["data"], sort_keys=True) for r in ok}) <= 1,
     }
     diffs = []
@@ -699,12 +441,12 @@ def markdown(summary: dict, header: str) -> str:
              "| img/s | steady img/s |",
              "|---|---|---|---|---|---|---|---|"]
     for loss, per in summary.items():
-        for side in SIDES:
+        for side in PEER_SIDES:
             if side not in per:
                 continue
             s = per[side]
             lines.append(
-                f"| {loss} | {SIDE_NAMES[side]} | "
+                f"| {loss} | {PEER_SIDE_NAMES[side]} | "
                 f"{_pct(s['precision_at_1_mean'], s['precision_at_1_sd'])} | "
                 f"{_pct(s['r_precision_mean'], s['r_precision_sd'])} | "
                 f"{_num(s['train_seconds_mean'], '.0f')} | "
@@ -728,7 +470,7 @@ def markdown(summary: dict, header: str) -> str:
 
 def drive(args, argv) -> int:
     data_path = resolve_data(args.data)
-    sides = [args.only] if args.only else list(SIDES)
+    sides = [args.only] if args.only else list(PEER_SIDES)
     if "jaxmetric" in sides:  # a bad --jax-set fails here, before any run
         for loss in args.losses:
             jaxmetric_config(argparse.Namespace(**vars(args) | {"loss": loss, "seed": 0}),
@@ -762,7 +504,7 @@ def drive(args, argv) -> int:
     out_path = pathlib.Path(args.json) if args.json else None
 
     def write():
-        doc["summary"] = summarise(doc["runs"], args.losses, sides)
+        doc["summary"] = summarise_peer_runs(doc["runs"], args.losses, sides)
         doc["checks"] = checks(doc["runs"])
         if out_path is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -786,7 +528,7 @@ def drive(args, argv) -> int:
                     cmd += ["--jax-cpu-devices", str(args.jax_cpu_devices)]
             else:
                 cmd += ["--torch-init", args.torch_init, "--torch-reducer", args.torch_reducer]
-            print(f"[{k + 1}/{len(plan)}] {SIDE_NAMES[side]}, {loss}, seed {seed}", flush=True)
+            print(f"[{k + 1}/{len(plan)}] {PEER_SIDE_NAMES[side]}, {loss}, seed {seed}", flush=True)
             t0 = time.perf_counter()
             run, error = run_child(cmd, run_json)
             doc["runs"].append(run or {"side": side, "loss": loss, "seed": seed, "error": error,
@@ -835,7 +577,7 @@ def main(argv=None) -> int:
                    "../shared/data/cifar10-jpeg.tar.xz beside the repository)")
     p.add_argument("--json", help="write the results here (the driver: all runs and the "
                    "summary; --run: that run)")
-    p.add_argument("--only", choices=SIDES, help="run one side only")
+    p.add_argument("--only", choices=PEER_SIDES, help="run one side only")
     p.add_argument("--tag", help="name of this variant, recorded in the JSON")
     p.add_argument("--jax-set", action="append", metavar="KEY=VALUE",
                    help="override a jaxmetric TrainConfig field (repeatable; the value is "
@@ -848,7 +590,7 @@ def main(argv=None) -> int:
     p.add_argument("--torch-reducer", choices=TORCH_REDUCERS, default="default",
                    help="PML's default AvgNonZeroReducer, or MeanReducer")
     p.add_argument("--run", action="store_true", help="(internal) one run in this process")
-    p.add_argument("--side", choices=SIDES, help="with --run")
+    p.add_argument("--side", choices=PEER_SIDES, help="with --run")
     p.add_argument("--loss", choices=LOSSES, help="with --run")
     p.add_argument("--seed", type=int, help="with --run")
     args = p.parse_args(argv)

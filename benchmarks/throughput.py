@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import tempfile
 import time
 
 import jax
@@ -36,23 +35,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from benchmarks.common import synthetic_dataset, whole_loop
 from experiments.presets import PRESETS
-from jaxmetric import data, train
+from jaxmetric import train
 from jaxmetric.train.config import TrainConfig
 
 RUN_LENGTH_FIELDS = ("epochs", "warmup_epochs", "max_train", "max_test", "eval_every",
                      "checkpoint_every", "data_dir", "out")
 """Preset fields that do not apply to this short measurement on synthetic data."""
-
-
-def synthetic_dataset(n: int, seed: int = 0) -> data.Dataset:
-    """``n`` random uint8 CIFAR-shaped images, labels cycling over 10 classes (train = test)."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-    labels = (np.arange(n) % 10).astype(np.int32)
-    split = data.Split(images, labels)
-    return data.Dataset(train=split, test=split, class_names=data.CIFAR10_CLASSES,
-                        mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
 
 
 def bare_step(config: TrainConfig, dataset, steps: int, mesh) -> float:
@@ -74,14 +64,6 @@ def bare_step(config: TrainConfig, dataset, steps: int, mesh) -> float:
         state, metrics = step_fn(state, images, labels, indices[i], key)
     jax.block_until_ready((state, metrics))
     return steps * config.batch_size / (time.perf_counter() - start)
-
-
-def whole_loop(config: TrainConfig, dataset, mesh) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "run"
-        train.fit(config, dataset, out, mesh=mesh, progress=False)
-        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return records[-1]["images_per_second"]
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Tests for benchmarks.device_sync: the synchronised step against independent ones."""
+"""Tests for benchmarks.cpu.device_sync: the synchronised step against independent ones."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import device_sync
+from benchmarks.cpu import device_sync
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def test_bad_arguments_get_a_clear_error(argv, match, capsys):
 def test_end_to_end(tmp_path):
     out = tmp_path / "sync.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.device_sync", "--batch-size", "16", "--images", "32",
+        [sys.executable, "-m", "benchmarks.cpu.device_sync", "--batch-size", "16", "--images", "32",
          "--steps", "2", "--repeat", "1", "--devices", "2", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""Tests for benchmarks.op_profile: trace events summed by HLO instruction kind."""
+"""Tests for benchmarks.cpu.op_profile: trace events summed by HLO instruction kind."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import op_profile
+from benchmarks.cpu import op_profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def test_refuses_once_jax_has_started():
 def test_profiles_a_small_network(tmp_path):
     out = tmp_path / "profile.json"
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-m", "benchmarks.op_profile", "--model", "homebrew",
+    subprocess.run([sys.executable, "-m", "benchmarks.cpu.op_profile", "--model", "homebrew",
                     "--batch-size", "4", "--reps", "1", "--top", "3", "--json", str(out)],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     doc = json.loads(out.read_text())

@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from benchmarks import peer_pool, peer_training
+from benchmarks import common, peer_pool
 
 
 def run(side, loss, seed, p1, rp=0.4):
-    timings = dict.fromkeys(peer_training.SUMMARY_KEYS, 1.0)
+    timings = dict.fromkeys(common.SUMMARY_KEYS, 1.0)
     return {"side": side, "loss": loss, "seed": seed, "precision_at_1": p1, "r_precision": rp,
             "map_at_r": 0.2, "test_vs_test_precision_at_1": p1} | timings
 
@@ -49,15 +49,15 @@ def test_refuses_other_files(tmp_path):
 
 def test_steady_cpu_use_skips_the_first_epoch():
     r = {"epoch_seconds": [20.0, 10.0, 5.0], "epoch_cpu_seconds": [50.0, 18.0, 10.0]}
-    use = peer_training.steady_cpu_use(r)
+    use = common.steady_cpu_use(r)
     assert use["cpu_seconds_per_epoch"] == pytest.approx(14.0)
     assert use["cores_busy"] == pytest.approx(28.0 / 15.0)
     none = {"cpu_seconds_per_epoch": None, "cores_busy": None}
-    assert peer_training.steady_cpu_use({"epoch_seconds": [1.0, 2.0]}) == none
-    assert peer_training.steady_cpu_use({"epoch_seconds": [1.0],
-                                         "epoch_cpu_seconds": [2.0]}) == none
-    assert peer_training.steady_cpu_use({"epoch_seconds": [1.0, 2.0, 3.0],
-                                         "epoch_cpu_seconds": [2.0, 4.0]}) == none
+    assert common.steady_cpu_use({"epoch_seconds": [1.0, 2.0]}) == none
+    assert common.steady_cpu_use({"epoch_seconds": [1.0],
+                                  "epoch_cpu_seconds": [2.0]}) == none
+    assert common.steady_cpu_use({"epoch_seconds": [1.0, 2.0, 3.0],
+                                  "epoch_cpu_seconds": [2.0, 4.0]}) == none
 
 
 def test_cpu_table(tmp_path, capsys):

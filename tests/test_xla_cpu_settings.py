@@ -1,4 +1,4 @@
-"""Tests for benchmarks.xla_cpu_settings: settings parsed, runs summarised against default."""
+"""Tests for benchmarks.cpu.xla_cpu_settings: settings parsed, runs summarised against default."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import xla_cpu_settings as xs
+from benchmarks.cpu import xla_cpu_settings as xs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,7 @@ def test_step_parts_command():
         steps, reps, jax_cpu_devices = 2, 3, 0
 
     cmd = xs.step_parts_command("py", A, ("--conv-chunk-elements", "0"), "out.json")
-    assert cmd[:5] == ["py", "-m", "benchmarks.step_parts", "--side", "jaxmetric"]
+    assert cmd[:5] == ["py", "-m", "benchmarks.cpu.step_parts", "--side", "jaxmetric"]
     assert "--jax-cpu-devices" not in cmd and cmd[-2:] == ["--conv-chunk-elements", "0"]
     A.jax_cpu_devices = 2
     cmd = xs.step_parts_command("py", A, (), "out.json")
@@ -88,7 +88,7 @@ def test_end_to_end_flags_reach_the_runs_and_a_failing_setting_is_reported(tmp_p
     out = tmp_path / "settings.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.xla_cpu_settings", "--settings", "default",
+        [sys.executable, "-m", "benchmarks.cpu.xla_cpu_settings", "--settings", "default",
          "--flags", "traced=--xla_cpu_enable_xprof_traceme=true",
          "--flags", "bogus=--xla_cpu_no_such_flag=true",
          "--batch-size", "16", "--images", "32", "--loop-images", "32", "--steps", "1",

@@ -19,9 +19,9 @@ the activations with the batch innermost, so it first copies them into that layo
 often recomputing the BatchNorm and ReLU that made them on the way; over a whole batch
 these transposing copies miss the caches. For the 16x16, 32 -> 64 channel 3x3 conv of
 the ``homebrew`` network at batch 256, the kernel gradient took 90 ms in one piece and
-29 ms as 16 chunks of 16 examples on a 2-core x86 CPU (``benchmarks/conv_chunks.py``);
+29 ms as 16 chunks of 16 examples on a 2-core x86 CPU (``benchmarks/cpu/conv_chunks.py``);
 in ResNet-18's forward + backward pass at batch 64 the layout copies took 21 % of the
-traced time in one piece and 9 % on chunks (``benchmarks/op_profile.py``).
+traced time in one piece and 9 % on chunks (``benchmarks/cpu/op_profile.py``).
 Chunks of about ``max_chunk_elements`` activation values (2**18, i.e. 1 MiB in float32,
 by default) keep the operands cache-sized; smaller layers are left whole. The gain was
 measured on CPUs only; GPU and TPU convolution libraries choose their own tiling, so

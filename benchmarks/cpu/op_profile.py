@@ -1,12 +1,12 @@
 """Where the network's forward + backward pass spends its time under XLA:CPU, op by op.
 
-    python -m benchmarks.op_profile --model resnet18 --batch-size 64 \\
+    python -m benchmarks.cpu.op_profile --model resnet18 --batch-size 64 \\
         --json benchmarks/results/op-profile-cpu-resnet18.json
 
 Jits the gradient of a fixed linear function of the embeddings with respect to the
 parameters (the model in train mode, as ``forward_backward`` in
-:mod:`benchmarks.step_parts`), traces ``--reps`` calls with :mod:`jax.profiler` and sums
-the trace events of the compiled program's instructions by kind: the HLO instruction
+:mod:`benchmarks.cpu.step_parts`), traces ``--reps`` calls with :mod:`jax.profiler` and
+sums the trace events of the compiled program's instructions by kind: the HLO instruction
 name without its number (``ynn_fusion.47`` -> ``ynn_fusion``). XLA:CPU writes one event
 per instruction it runs once ``--xla_cpu_enable_xprof_traceme=true`` is in ``XLA_FLAGS``;
 this script adds that flag before JAX starts (other flags there are kept, so the same
@@ -88,7 +88,7 @@ def summarise_events(events, program: dict[str, str], calls: int, wall_ms: float
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.op_profile",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu.op_profile",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("homebrew", "resnet18", "resnet34", "resnet50"),
                    default="resnet18")
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.step_parts import unit_embeddings
+    from benchmarks.common import unit_embeddings
     from jaxmetric import models
 
     if jax.default_backend() != "cpu":
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         print(f"  {row['ms']:8.1f} ms  {row['hlo'][:160]}")
     if args.json:
         doc = {"benchmark": "op_profile",
-               "command": "python -m benchmarks.op_profile "
+               "command": "python -m benchmarks.cpu.op_profile "
                + " ".join(argv if argv is not None else sys.argv[1:]),
                "xla_flags": os.environ["XLA_FLAGS"], "jax": jax.__version__,
                "devices": [str(d) for d in jax.devices()],

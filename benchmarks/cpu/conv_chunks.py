@@ -1,7 +1,7 @@
 """One convolution's forward pass, input gradient and kernel gradient, in one piece and
 on batch chunks (:func:`jaxmetric.models.conv.batch_chunked_conv`), layer by layer.
 
-    python -m benchmarks.conv_chunks --model homebrew --batch-size 256 \\
+    python -m benchmarks.cpu.conv_chunks --model homebrew --batch-size 256 \\
         --json benchmarks/results/conv-chunks-cpu.json
 
 The layers are the 3x3 stride-1 convolutions of the network at the resolution they see
@@ -25,7 +25,8 @@ LAYERS = {
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu.conv_chunks",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(LAYERS), default="homebrew")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8, 16],
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
                   f"input grad {row['input_grad_ms']:6.1f}  kernel grad "
                   f"{row['kernel_grad_ms']:6.1f} ms", flush=True)
     if args.json:
-        doc = {"benchmark": "conv_chunks", "command": "python -m benchmarks.conv_chunks "
+        doc = {"benchmark": "conv_chunks",
+               "command": "python -m benchmarks.cpu.conv_chunks "
                + " ".join(argv if argv is not None else sys.argv[1:]),
                "jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "rows": rows}
         with open(args.json, "w") as f:

@@ -1,6 +1,6 @@
 """What the cross-device synchronisation of the data-parallel step costs on a CPU.
 
-    python -m benchmarks.device_sync --model homebrew --batch-size 256 \\
+    python -m benchmarks.cpu.device_sync --model homebrew --batch-size 256 \\
         --json benchmarks/results/device-sync-cpu-homebrew.json
 
 ``jaxmetric.train.use_cpu_devices(N)`` splits the CPU into N XLA devices, and the train
@@ -39,8 +39,17 @@ import sys
 import tempfile
 import time
 
-from benchmarks.peer_training import environment, finish_driver, run_child, write_json
-from benchmarks.step_parts import LOSSES, MODELS, batch_indices, git_state
+from benchmarks.common import (
+    LOSSES,
+    MODELS,
+    batch_indices,
+    environment,
+    finish_driver,
+    git_state,
+    run_child,
+    synthetic_dataset,
+    write_json,
+)
 
 MODES = ("synchronised", "independent")
 # an HLO instruction line's opcode: ``%name = shape all-reduce(`` (also ``-start`` forms)
@@ -56,7 +65,6 @@ def run_mode(args) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from benchmarks.throughput import synthetic_dataset
     from jaxmetric import train
     from jaxmetric.train.config import TrainConfig
 
@@ -149,7 +157,8 @@ def markdown(summary: dict, header: str) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.device_sync", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu.device_sync",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="homebrew")
     p.add_argument("--batch-size", type=int, default=256, help="the global batch B")
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
         return 0
 
     doc = {"benchmark": "device_sync",
-           "command": "python -m benchmarks.device_sync " + shlex.join(argv),
+           "command": "python -m benchmarks.cpu.device_sync " + shlex.join(argv),
            "options": {k: v for k, v in vars(args).items() if k not in ("json", "mode")},
            "git": git_state(), "environment": environment(), "runs": []}
     failed = []
@@ -187,7 +196,7 @@ def main(argv=None) -> int:
         for rep in range(args.repeat):
             for mode in MODES:
                 out = pathlib.Path(tmp) / f"{mode}-{rep}.json"
-                cmd = [sys.executable, "-m", "benchmarks.device_sync", "--mode", mode,
+                cmd = [sys.executable, "-m", "benchmarks.cpu.device_sync", "--mode", mode,
                        "--json", str(out), "--model", args.model,
                        "--batch-size", str(args.batch_size), "--loss", args.loss,
                        "--devices", str(args.devices), "--images", str(args.images),

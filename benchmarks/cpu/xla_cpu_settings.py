@@ -1,13 +1,13 @@
 """jaxmetric's training step under other XLA:CPU settings and JAX versions, side by side.
 
-    python -m benchmarks.xla_cpu_settings --model homebrew --batch-size 256 \\
+    python -m benchmarks.cpu.xla_cpu_settings --model homebrew --batch-size 256 \\
         --json benchmarks/results/xla-cpu-settings-homebrew.json
-    python -m benchmarks.xla_cpu_settings --settings default eigen-convolutions \\
+    python -m benchmarks.cpu.xla_cpu_settings --settings default eigen-convolutions \\
         --interpreter jax-0.12=/path/to/py312-venv/bin/python     # another JAX install
 
 Does anything within JAX's reach make the network step faster on a CPU? This runs the
-jaxmetric side of :mod:`benchmarks.step_parts` once per *setting* per alternation, each
-in a fresh process, and compares each setting with ``default`` (no extra flags, this
+jaxmetric side of :mod:`benchmarks.cpu.step_parts` once per *setting* per alternation,
+each in a fresh process, and compares each setting with ``default`` (no extra flags, this
 interpreter) from the same run. A setting is
 
 * a set of XLA flags put in ``XLA_FLAGS`` before JAX starts (``--flags NAME=FLAGS`` adds
@@ -19,12 +19,13 @@ interpreter) from the same run. A setting is
   imports this working tree's jaxmetric through ``PYTHONPATH`` and needs jax, flax,
   optax, orbax-checkpoint and tqdm).
 
-Reported per setting, from :mod:`benchmarks.step_parts`' parts: ``forward_backward``
-(the network's forward + backward pass on one device), ``step`` (the whole train step on
-``--jax-cpu-devices`` devices) and ``loop`` (``fit``'s second epoch, per step), each the
-median over repetitions; ``best_ms`` is the lowest over the alternations, and
-``vs_default`` is the setting's time over ``default``'s (below 1: faster). The settings
-run in turn inside each alternation, so slow drifts of the machine hit them alike.
+Reported per setting, from :mod:`benchmarks.cpu.step_parts`' parts:
+``forward_backward`` (the network's forward + backward pass on one device), ``step``
+(the whole train step on ``--jax-cpu-devices`` devices) and ``loop`` (``fit``'s second
+epoch, per step), each the median over repetitions; ``best_ms`` is the lowest over the
+alternations, and ``vs_default`` is the setting's time over ``default``'s (below 1:
+faster). The settings run in turn inside each alternation, so slow drifts of the machine
+hit them alike.
 """
 
 from __future__ import annotations
@@ -40,8 +41,15 @@ import sys
 import tempfile
 import time
 
-from benchmarks.peer_training import REPO, environment, finish_driver, run_child
-from benchmarks.step_parts import LOSSES, MODELS, git_state
+from benchmarks.common import (
+    LOSSES,
+    MODELS,
+    REPO,
+    environment,
+    finish_driver,
+    git_state,
+    run_child,
+)
 
 # name -> (XLA flags, extra arguments of the step_parts run)
 SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -115,7 +123,7 @@ def markdown(summary: dict, header: str) -> str:
 
 
 def step_parts_command(python: str, args, extra: tuple[str, ...], out: pathlib.Path):
-    cmd = [python, "-m", "benchmarks.step_parts", "--side", "jaxmetric",
+    cmd = [python, "-m", "benchmarks.cpu.step_parts", "--side", "jaxmetric",
            "--model", args.model, "--batch-size", str(args.batch_size), "--loss", args.loss,
            "--images", str(args.images), "--loop-images", str(args.loop_images),
            "--steps", str(args.steps), "--reps", str(args.reps), "--json", str(out)]
@@ -126,7 +134,8 @@ def step_parts_command(python: str, args, extra: tuple[str, ...], out: pathlib.P
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.xla_cpu_settings", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu.xla_cpu_settings",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
                    help=f"built-in settings to run (default: all: {', '.join(SETTINGS)}); "
@@ -172,7 +181,7 @@ def main(argv=None) -> int:
     base_flags = os.environ.get("XLA_FLAGS", "")
 
     doc = {"benchmark": "xla_cpu_settings",
-           "command": "python -m benchmarks.xla_cpu_settings " + shlex.join(argv),
+           "command": "python -m benchmarks.cpu.xla_cpu_settings " + shlex.join(argv),
            "settings": {n: {"python": py, "xla_flags": f, "step_parts_args": list(extra),
                             **({"versions": versions[n]} if n in versions else {})}
                         for n, (py, f, extra) in plan.items()},

@@ -1,18 +1,19 @@
 """Where a CPU training step's time goes: jaxmetric (XLA:CPU) next to PyTorch + PML.
 
-    python -m benchmarks.step_parts --model homebrew --batch-size 256 \\
+    python -m benchmarks.cpu.step_parts --model homebrew --batch-size 256 \\
         --json benchmarks/results/step-parts-cpu.json
-    python -m benchmarks.step_parts --model resnet18 --batch-size 128       # slower
-    python -m benchmarks.step_parts --steps 3 --reps 3 --loop-images 1024 \\
+    python -m benchmarks.cpu.step_parts --model resnet18 --batch-size 128       # slower
+    python -m benchmarks.cpu.step_parts --steps 3 --reps 3 --loop-images 1024 \\
         --images 2048 --repeat 1                                           # smoke test
 
 Times the parts of one training step, and the whole step and loop, in jaxmetric and in
 a plain PyTorch + pytorch-metric-learning equivalent (the reference pieces of
-:mod:`benchmarks.peer_training`: its homebrew network, ``TorchAugment``, PML losses and
-the same SGD setup), so that one sees which parts cost what and which of them set the
-floor. Needs the ``peer`` extra. Inputs are random uint8 CIFAR-shaped images
-(``--images`` of them resident in memory, 10 classes), float32 throughout; every part
-is timed as the median of ``--reps`` repetitions after warm-up (and compilation):
+:mod:`benchmarks.peer_training`, kept in :mod:`benchmarks.common`: its homebrew network,
+``TorchAugment``, PML losses and the same SGD setup), so that one sees which parts cost
+what and which of them set the floor. Needs the ``peer`` extra. Inputs are random uint8
+CIFAR-shaped images (``--images`` of them resident in memory, 10 classes), float32
+throughout; every part is timed as the median of ``--reps`` repetitions after warm-up
+(and compilation):
 
 * ``forward``: the model in train mode (BatchNorm on batch statistics, running
   statistics updated), jitted; PyTorch eager under ``torch.no_grad()``.
@@ -38,7 +39,7 @@ is timed as the median of ``--reps`` repetitions after warm-up (and compilation)
   PyTorch: augment, forward, PML loss, ``zero_grad``, backward, ``step``.
   ``sum_of_parts`` is augment + forward_backward + the ``--loss`` loss + optimizer.
 * ``loop``: the whole training loop per step -- :func:`jaxmetric.train.fit` (through
-  :func:`benchmarks.throughput.whole_loop`) for 2 epochs on ``--loop-images`` images,
+  :func:`benchmarks.common.whole_loop`) for 2 epochs on ``--loop-images`` images,
   the second epoch's images/s from its ``metrics.jsonl``; PyTorch: the loop of
   :mod:`benchmarks.peer_training` (shuffle, steps, ``loss.item()`` per step, the
   learning rate set every step), its second epoch. ``outside_step = 1 - step / loop``
@@ -76,29 +77,33 @@ import os
 import pathlib
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks.peer_training import (  # stdlib-only at import time: safe for both sides
-    REPO,
+from benchmarks.common import (  # stdlib-only at import time: safe for both sides
+    CLASSES,
+    EMBED_DIM,
+    LOSSES,
+    MODELS,
     TorchAugment,
+    batch_indices,
     environment,
+    git_state,
     run_child,
+    synthetic_arrays,
+    synthetic_dataset,
     torch_checkpoint,
     torch_loss,
     torch_model,
     torch_optimizer,
+    unit_embeddings,
     warmup_cosine_lr,
+    whole_loop,
     write_json,
 )
 
 SIDES = ("jaxmetric", "torch")
-MODELS = ("homebrew", "resnet18")
-LOSSES = ("triplet", "contrastive")
-EMBED_DIM = 128
-CLASSES = 10
 LOOP_EPOCHS = 2
 STEP_BLOCKS = 3  # the whole step is timed as this many blocks of --steps calls
 
@@ -116,32 +121,7 @@ PARTS = (
 )
 
 
-# ------------------------------------------------------------------------------ common
-
-
-def synthetic_arrays(n: int, seed: int = 0):
-    """The images and labels of :func:`benchmarks.throughput.synthetic_dataset` (numpy only)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-    labels = (np.arange(n) % CLASSES).astype(np.int32)
-    return images, labels
-
-
-def unit_embeddings(b: int, seed: int = 1):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(b, EMBED_DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def batch_indices(n: int, b: int, count: int, seed: int = 2):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return [rng.permutation(n)[:b].astype(np.int32) for _ in range(count)]
+# ----------------------------------------------------------------------------- timing
 
 
 def timed(fn, reps: int, warmup: int = 2) -> list[float]:
@@ -163,21 +143,6 @@ def dir_bytes(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def git_state() -> dict:
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", "--no-optional-locks", *cmd], cwd=REPO, text=True,
-                                  capture_output=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    commit = git("rev-parse", "--short", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    changed = [line[3:] for line in status.splitlines() if line.strip()] if status else []
-    commit = commit.strip() if commit else None
-    return {"commit": commit, "dirty": bool(changed), "changed_files": changed}
-
-
 # ------------------------------------------------------------------------ jaxmetric side
 
 
@@ -191,7 +156,6 @@ def run_jaxmetric(args) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from benchmarks.throughput import synthetic_dataset, whole_loop
     from jaxmetric import models, train
     from jaxmetric.train.augment import augment, normalize
     from jaxmetric.train.checkpoints import checkpoint_manager, save_checkpoint
@@ -574,7 +538,7 @@ def markdown(summary: dict, loss: str, header: str) -> str:
 
 
 def drive(args, argv) -> int:
-    command = "python -m benchmarks.step_parts " + shlex.join(argv)
+    command = "python -m benchmarks.cpu.step_parts " + shlex.join(argv)
     doc = {
         "benchmark": "step_parts",
         "command": command,
@@ -597,7 +561,7 @@ def drive(args, argv) -> int:
         for rep in range(args.repeat):
             for side in SIDES:
                 run_json = pathlib.Path(tmp) / f"{side}-{rep}.json"
-                cmd = [sys.executable, "-m", "benchmarks.step_parts", "--side", side,
+                cmd = [sys.executable, "-m", "benchmarks.cpu.step_parts", "--side", side,
                        "--model", args.model, "--batch-size", str(args.batch_size),
                        "--loss", args.loss, "--images", str(args.images),
                        "--loop-images", str(args.loop_images), "--steps", str(args.steps),
@@ -644,7 +608,8 @@ def drive(args, argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.step_parts", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu.step_parts",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="homebrew")
     p.add_argument("--batch-size", type=int, default=256)
