@@ -89,15 +89,6 @@ def test_a_failing_block_fails(tmp_path):
 
 # ------------------------------------------------------------------ python -m, paths
 
-PENDING_MOVES = {
-    f"benchmarks.cpu.{name}": f"benchmarks.{name}"
-    for name in ("step_parts", "op_profile", "xla_cpu_settings", "device_sync", "conv_chunks")
-}
-"""The CPU profiling tools move from ``benchmarks/`` to ``benchmarks/cpu/``; the pages
-already use the new names. Until the move lands, the old module stands in for the new
-one. Delete this once ``benchmarks/cpu/`` exists."""
-
-
 def _find(module: str):
     try:
         return importlib.util.find_spec(module)
@@ -109,7 +100,7 @@ def runnable(module: str) -> bool:
     """Whether ``python -m module`` would find something to run."""
     spec = _find(module)
     if spec is None:
-        return module in PENDING_MOVES and runnable(PENDING_MOVES[module])
+        return False
     if spec.submodule_search_locations is not None:  # a package runs its __main__
         return _find(module + ".__main__") is not None
     return True
