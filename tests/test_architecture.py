@@ -4,7 +4,7 @@
   at least two packages import (``utils``, ``parallel``, ``distributed``) and the
   public core roles re-exported by ``jaxmetric/__init__.py`` (``distances``,
   ``mining``). Everything else lives in its package: ``losses``, ``models``, ``data``,
-  ``evaluate``, ``train``, ``report``.
+  ``evaluate``, ``train``, ``report``, ``search``.
 * **Floors.** Packages form layers (:data:`LAYERS`) and every import between two of
   them goes to a lower floor.
 * No module of ``jaxmetric`` uses another module's private names (``_x``): neither
@@ -223,6 +223,7 @@ LAYERS = {
     "losses": 2, "models": 2, "data": 2, "evaluate": 2,
     "train": 3,
     "report": 4,
+    "search": 5,
 }
 """The floor of each top-level module or package: imports go to a lower floor only."""
 

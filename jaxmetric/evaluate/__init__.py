@@ -48,7 +48,7 @@ from jaxmetric.evaluate.knn import (
     recall_vs_exact,
     search,
 )
-from jaxmetric.evaluate.metrics import DEFAULT_CHUNK_ENTRIES, per_query_metrics
+from jaxmetric.evaluate.metrics import DEFAULT_CHUNK_ENTRIES, per_query_metrics, ranking_scores
 from jaxmetric.evaluate.protocols import (
     clustering_metrics,
     evaluate_embeddings,
@@ -67,6 +67,7 @@ __all__ = [
     "l2_normalize",
     "neighbour_recall",
     "per_query_metrics",
+    "ranking_scores",
     "recall_vs_exact",
     "retrieval_metrics",
     "search",

@@ -2,7 +2,9 @@ r"""Retrieval scores of ranked neighbours: precision@1, R-precision, MAP@R, Reca
 
 :func:`per_query_metrics` turns the labels of each query's ranked neighbours into the
 scores of pytorch-metric-learning's ``AccuracyCalculator`` (Musgrave et al. 2020) plus
-Recall@k and k-NN classification accuracy, one value per query. Pure NumPy: the search
+Recall@k and k-NN classification accuracy, one value per query; :func:`ranking_scores`
+the information-retrieval scores of a full ranking (average precision, reciprocal rank,
+precision@k, AP@k). Pure NumPy: the search
 that produces the neighbours is :mod:`jaxmetric.evaluate.knn`, the protocols that chain
 both are :mod:`jaxmetric.evaluate.protocols`.
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from jaxmetric.utils import check_ks, check_positive_int
 
-__all__ = ["DEFAULT_CHUNK_ENTRIES", "per_query_metrics"]
+__all__ = ["DEFAULT_CHUNK_ENTRIES", "per_query_metrics", "ranking_scores"]
 
 # Default bound on the number of (query, neighbour) entries held at once while scoring:
 # 2**22 entries of int64 indices + float32 distances + per-entry temporaries is ~100 MB.
@@ -133,3 +135,53 @@ def _knn_correct(votes: np.ndarray, valid: np.ndarray, labels: np.ndarray) -> np
         out[a:a + step] = (winner == labels[a:a + step]) & winner_ok
     return out
 
+
+
+def ranking_scores(
+    neighbour_labels,
+    query_labels,
+    n_relevant,
+    *,
+    ks: Sequence[int] = (1, 5),
+    missing: int = -1,
+) -> dict[str, np.ndarray]:
+    r"""Per-query ranking scores of the information-retrieval literature.
+
+    With :math:`m_{q,i}`, :math:`R_q` and :math:`P_q(i)` as in :func:`per_query_metrics`
+    and the neighbours ranked over the *whole* gallery (``K`` = gallery size, minus the
+    query in leave-one-out):
+
+    * average precision (full mAP): :math:`\frac{1}{R_q}\sum_{i \le K} m_{q,i}\,P_q(i)`;
+    * reciprocal rank (MRR): :math:`1 / \min\{i : m_{q,i} = 1\}`, 0 without a match;
+    * precision@k: :math:`\frac{1}{k}\sum_{i \le k} m_{q,i}`;
+    * AP@k (mAP@k): :math:`\frac{1}{\min(R_q, k)}\sum_{i \le k} m_{q,i}\,P_q(i)`.
+
+    A ``k`` larger than ``K`` uses all ``K`` columns (precision@k still divides by k).
+    Rows with :math:`R_q = 0` get NaN average precision and AP@k (exclude them).
+
+    Returns:
+      ``{"average_precision", "reciprocal_rank", "precision_at_{k}"...,
+      "ap_at_{k}"...}``, each ``(Q,)`` float64.
+    """
+    ks = check_ks(ks)
+    nl = np.asarray(neighbour_labels)
+    ql = np.asarray(query_labels)
+    r = np.asarray(n_relevant)
+    if nl.ndim != 2 or nl.shape[1] == 0:
+        raise ValueError(f"neighbour_labels must be 2-D (Q, K) with K >= 1; got {nl.shape}")
+    if ql.shape != (nl.shape[0],) or r.shape != (nl.shape[0],):
+        raise ValueError(f"query_labels and n_relevant must have shape ({nl.shape[0]},); "
+                         f"got {ql.shape} and {r.shape}")
+    match = (nl == ql[:, None]) & (nl != missing)
+    ranks = np.arange(1, nl.shape[1] + 1)
+    precision_i = np.cumsum(match, axis=1) / ranks[None, :]
+    weighted = np.where(match, precision_i, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_float = np.where(r > 0, r, np.nan).astype(np.float64)
+        out = {"average_precision": weighted.sum(axis=1) / r_float}
+        first = np.where(match.any(axis=1), match.argmax(axis=1) + 1, np.inf)
+        out["reciprocal_rank"] = 1.0 / first
+        for k in ks:
+            out[f"precision_at_{k}"] = match[:, :k].sum(axis=1) / k
+            out[f"ap_at_{k}"] = weighted[:, :k].sum(axis=1) / np.minimum(r_float, k)
+    return out
