@@ -131,8 +131,17 @@ def _draw(embedder, got, ids, labels, predicted, path) -> None:
     queries = np.stack([embedder.decode(pathlib.Path(p)) for p in got.ids])
     neighbours = np.stack([[embedder.decode(sources[i], i) if i is not None else blank
                             for i in row] for row in ids])
-    plot_neighbours(queries, np.asarray(predicted, str),
+    # A query in a class folder of the gallery's classes is framed against its own class
+    # (right / wrong neighbours); any other query against the predicted label.
+    known = {str(v) for v in labels.reshape(-1) if v is not None}
+    truth = [pathlib.Path(p).parent.name if pathlib.Path(p).parent.name in known else q
+             for p, q in zip(got.ids, predicted, strict=True)]
+    plot_neighbours(queries, np.asarray(truth, str),
                     neighbours, np.asarray(labels, str), path)
+
+
+FEW_ANSWERED = 0.05
+"""``calibrate`` warns when its threshold answers fewer than this share of the images."""
 
 
 def _calibrate(args) -> int:
@@ -145,10 +154,22 @@ def _calibrate(args) -> int:
         raise SearchError(f"{args.images}: calibration images need labels (class folders)")
     d, correct = nearest_comparisons(index, got.embeddings, got.labels)
     t = threshold_for_precision(d, correct, args.target_precision)
+    answered = float((d <= t.distance).mean())
+    if not (d <= t.distance).any():  # met only by answering nothing: no use
+        raise SearchError(
+            f"no distance threshold reaches precision {args.target_precision} on these "
+            f"{len(got.ids)} images (the nearest neighbour is right for "
+            f"{float(correct.mean()):.3f} of them); lower --target-precision. The index "
+            "keeps its previous threshold")
     record = t.to_dict() | {"images": len(got.ids), "source": str(args.images)}
     index.update_metadata(args.index, threshold=record)
-    print(f"{args.index}: threshold {t.distance:.4f} (precision {t.precision:.3f}, "
-          f"{t.recall:.3f} of {len(got.ids)} images answered, rest unknown)")
+    print(f"{args.index}: threshold {t.distance:.4f} (precision {t.precision:.3f} on the "
+          f"{answered:.3f} of {len(got.ids)} images answered, the rest unknown; "
+          f"{t.recall:.3f} of the right answers kept)")
+    if answered < FEW_ANSWERED:
+        print(f"warning: at precision {args.target_precision} the index answers only "
+              f"{100 * answered:.1f}% of these images and says \"unknown\" to the rest; a "
+              "lower --target-precision answers more", file=sys.stderr)
     return 0
 
 

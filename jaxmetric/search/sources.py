@@ -99,7 +99,8 @@ def iter_images(location, *, under: str | None = None) -> Iterator[ImageItem]:
       DataError: ``location`` does not exist, ``under`` is not a folder in it, or the
         archive is corrupt or truncated (when the stream reaches the damage).
     """
-    location = pathlib.Path(location).expanduser()
+    # Absolute, so the ids stay valid when the index is used from another folder.
+    location = pathlib.Path(location).expanduser().resolve()
     if not location.exists():
         raise DataError(f"{location} does not exist")
     if location.is_file():
