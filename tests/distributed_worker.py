@@ -8,7 +8,9 @@ arguments, so the settings come from the ``JAXMETRIC_*`` environment variables (
 test sets them, and ``XLA_FLAGS`` for the number of simulated CPU devices). It trains
 :func:`config` on :func:`dataset` with :func:`jaxmetric.train.fit` over the global mesh,
 with :func:`embed_hook` as evaluation hook, and writes ``RESULT_PREFIX-<process>.npz``:
-the final params and BatchNorm statistics, the step, and the test-set embeddings.
+the final params and BatchNorm statistics, the step, the test-set embeddings, and the
+test images embedded again by :class:`jaxmetric.search.Embedder` from the run folder,
+each process decoding its share (:meth:`~jaxmetric.search.Embedder.embed_shared`).
 ``WORKER_HOOK_SLEEP`` (seconds) slows every epoch down (for the kill test).
 
 The test imports this module for :func:`config`, :func:`dataset`, :func:`embed_hook`
@@ -74,6 +76,22 @@ def flat(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
+def png_items(images):
+    """The images as in-memory PNG files (:class:`jaxmetric.search.sources.ImageItem`)."""
+    import io
+
+    from PIL import Image
+
+    from jaxmetric.search.sources import ImageItem
+
+    items = []
+    for k, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        items.append(ImageItem(f"test/{k:04d}.png", None, buffer.getvalue()))
+    return items
+
+
 def main(argv) -> int:
     out_dir, prefix = argv[0], argv[1]
     resume = "--resume" in argv[2:]
@@ -98,9 +116,13 @@ def main(argv) -> int:
         print(f"error: {type(e).__name__}: {e}", flush=True)
         return 3
     emb = train.make_embed_fn(state)(data.test.images)
+    from jaxmetric.search import Embedder
+
+    shared = Embedder.from_run(out_dir, batch_size=8).embed_shared(png_items(data.test.images))
     result = {"params/" + k: v for k, v in flat(state.params).items()}
     result |= {"batch_stats/" + k: v for k, v in flat(state.batch_stats).items()}
     result |= {"step": np.asarray(distributed.to_host(state.step)), "embeddings": emb,
+               "search_embeddings": shared.embeddings,
                "process_count": np.int32(jax.process_count()),
                "local_devices": np.int32(jax.local_device_count()),
                "mesh_size": np.int32(train.make_mesh().size)}

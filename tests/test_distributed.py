@@ -171,6 +171,22 @@ def test_two_processes_train_like_one_process_with_eight_devices(reference, two_
 
 
 @pytest.mark.slow
+def test_two_processes_embed_a_gallery_like_one(two_processes):
+    """Embedder.embed_shared: each process decodes and embeds its share of the stream;
+    every process ends with all the embeddings, in order, equal to one process's."""
+    from jaxmetric.search import Embedder
+
+    out_dir, results = two_processes
+    np.testing.assert_array_equal(results[0]["search_embeddings"],
+                                  results[1]["search_embeddings"])
+    one = Embedder.from_run(out_dir, batch_size=8).embed_items(
+        worker.png_items(worker.dataset().test.images), progress=False)
+    assert one.embeddings.shape == results[0]["search_embeddings"].shape == (12, 16)
+    np.testing.assert_allclose(results[0]["search_embeddings"], one.embeddings,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_multi_process_checkpoint_restores_on_one_process(two_processes):
     out_dir, results = two_processes
     _, state, epoch = train.restore_state(out_dir, mesh=Mesh(np.array(jax.devices()[:8]),

@@ -214,6 +214,54 @@ class Embedder:
                 ": the gallery is empty"))
         return Embedded(np.concatenate(chunks), ids, labels, skipped)
 
+    def embed_shared(self, items: Iterable[ImageItem], *, progress: bool = False) -> Embedded:
+        """:meth:`embed_items` split over the processes of a ``jax.distributed`` job.
+
+        Every process reads the same stream; process ``k`` of ``P`` decodes and embeds
+        items ``k, k + P, k + 2P, ...`` on its own devices, and the embeddings are then
+        all-gathered (``multihost_utils.process_allgather``), so every process returns
+        the whole :class:`Embedded` in stream order -- the same as one process would.
+        A collective: every process must call it with the same stream. An undecodable
+        image stops every process (:func:`jaxmetric.distributed.agree`), naming it on
+        the process that met it. In a single-process run this is :meth:`embed_items`.
+        """
+        import jax
+
+        from jaxmetric import distributed
+
+        count, me = jax.process_count(), jax.process_index()
+        if count == 1:
+            return self.embed_items(items, progress=progress)
+        ids, labels, taken = [], [], []
+
+        def mine():
+            for i, item in enumerate(items):
+                ids.append(item.id)
+                labels.append(item.label)
+                if i % count == me:
+                    taken.append(i)
+                    yield item
+
+        error, got = None, None
+        try:
+            got = self.embed_items(mine(), progress=progress)
+        except DataError as e:
+            if taken or not ids:  # a bad image, or an empty stream (not just a short one)
+                error = e
+        distributed.agree(error)
+        from jax.experimental import multihost_utils
+
+        per = -(-len(ids) // count)
+        local = np.zeros((per, self.dim), np.float32)
+        if got is not None:
+            local[:len(got.embeddings)] = got.embeddings
+        gathered = np.asarray(multihost_utils.process_allgather(local))  # (P, per, D)
+        out = np.empty((len(ids), local.shape[1]), np.float32)
+        for k in range(count):
+            n_k = len(range(k, len(ids), count))
+            out[k::count] = gathered[k, :n_k]
+        return Embedded(out, ids, labels, [])
+
     def embed_paths(self, paths: Sequence, *, skip_bad: bool = False,
                     progress: bool = False) -> Embedded:
         """Image files (labels None) -> :class:`Embedded`."""
