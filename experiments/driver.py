@@ -178,13 +178,24 @@ def main(parser: argparse.ArgumentParser, run: Callable[..., int], argv=None) ->
         return run(args, parser, config)
 
 
+def _setting_error(parser: argparse.ArgumentParser, error: Exception):
+    """Exit 2 with the one line that names a setting to fix (a resume with other
+    settings, a value the loss refuses): the flags were well formed, so no usage."""
+    parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
 def train_and_report(args, parser, config: TrainConfig, data_config: DataConfig, *,
                      hint: str | None = None) -> int:
     """Train and evaluate the data ``data_config`` describes (a Dataset or a ClassSplit).
 
     Missing or bad data (:class:`jaxmetric.data.DataError`) exits 1 with nothing
-    written, a bad class choice (``ValueError``) exits 2. ``hint`` is the small CPU
-    command suggested for long runs without an accelerator.
+    written, a bad class choice (``ValueError``) exits 2, and so do a loss setting the
+    loss refuses and a resume with other settings or data (checked before the data
+    loads, nothing written). Run-folder problems exit 1 with one line: a folder that
+    holds another run, no intact checkpoint to resume
+    (:class:`~jaxmetric.train.checkpoints.DamagedCheckpointError`), a full disk while
+    saving (:class:`~jaxmetric.train.checkpoints.DiskFullError`), a diverged run.
+    ``hint`` is the small CPU command suggested for long runs without an accelerator.
     """
     from jaxmetric import distributed
 
@@ -201,16 +212,21 @@ def train_and_report(args, parser, config: TrainConfig, data_config: DataConfig,
 
     from jaxmetric import data, report, train
     from jaxmetric.data import splits
+    from jaxmetric.train.checkpoints import DamagedCheckpointError, DiskFullError
     from jaxmetric.train.rundir import check_run_dir
 
     progress = not args.no_progress
+    try:  # a value the loss refuses (loss_options are checked by key only) is a flag to fix
+        train.check_loss_values(config)
+    except ValueError as e:
+        _setting_error(parser, e)
     try:  # before the data is loaded: a run folder that cannot take the run fails fast
         check_run_dir(pathlib.Path(config.out), config, args.resume, data_config)
     except (FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # resuming with other settings or other data: a flag to fix
-        parser.error(str(e))
+        _setting_error(parser, e)
     try:
         loaded = data.load(data_config)
     except data.DataError as e:
@@ -242,7 +258,8 @@ def train_and_report(args, parser, config: TrainConfig, data_config: DataConfig,
         state = train.fit(config, train_data, config.out, resume=args.resume, eval_hook=hook,
                           mesh=mesh, progress=progress, slow_cpu_hint=hint,
                           data=data_config)
-    except (FileExistsError, FileNotFoundError, FloatingPointError) as e:
+    except (FileExistsError, FileNotFoundError, FloatingPointError, DamagedCheckpointError,
+            DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     metrics = report.evaluate_state(

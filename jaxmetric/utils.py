@@ -10,6 +10,7 @@ heavier.
   :func:`check_same_dim`, :func:`check_ks`;
 * :func:`write_atomic` / :func:`atomic_writer`: a file is replaced whole or not at all
   (temporary file in the same folder, flushed and fsync'ed, then ``os.replace``);
+  :func:`read_jsonl` reads a file of JSON lines whose last line a crash may have torn;
 * :func:`require` imports an optional dependency or says how to install it;
   :func:`progress_bar` is a tqdm bar;
 * :func:`flatten` turns nested dicts into one level with joined keys;
@@ -42,6 +43,7 @@ __all__ = [
     "check_same_dim",
     "flatten",
     "progress_bar",
+    "read_jsonl",
     "require",
     "write_atomic",
 ]
@@ -238,6 +240,37 @@ def progress_bar(**kwargs):
 # --------------------------------------------------------------------------------------
 # Nested dicts
 # --------------------------------------------------------------------------------------
+
+
+def read_jsonl(path) -> tuple[list[dict], str | None]:
+    """The records of a JSON-lines file (``[]`` when it does not exist) and its torn last
+    line, if any (else None).
+
+    A line is appended whole or, when the process is killed mid-write, cut short: only
+    the last line can be torn, and it is left out (the caller says so and rewrites the
+    file). A bad line before the last is not a torn write: ``ValueError`` names the file
+    and the line.
+    """
+    import json
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        return [], None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records, torn = [], None
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                torn = line
+                break
+            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e}); fix or "
+                             "remove that line") from None
+        records.append(record)
+    return records, torn
 
 
 def flatten(d: Mapping, sep: str = ".", prefix: str = "") -> dict[str, Any]:

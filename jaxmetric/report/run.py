@@ -9,6 +9,7 @@ the functions that use a trained state, so that importing this module stays ligh
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from jaxmetric import distributed, evaluate
 from jaxmetric.report import visualize
 from jaxmetric.report.markdown import write_report
-from jaxmetric.utils import write_atomic
+from jaxmetric.utils import read_jsonl, write_atomic
 
 __all__ = [
     "EMBED_BATCH",
@@ -28,6 +29,8 @@ __all__ = [
     "precision_at_1_hook",
     "summary_line",
 ]
+
+log = logging.getLogger("jaxmetric.report")
 
 EMBED_BATCH = 1024
 
@@ -79,9 +82,13 @@ def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False, what: str
 
 
 def _read_records(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The epoch records of ``metrics.jsonl``; a torn last line (a crash mid-write) is
+    left out with a WARNING naming the file."""
+    records, torn = read_jsonl(path)
+    if torn is not None:
+        log.warning("%s: left out a torn last line (a write cut short by a crash): %.60r",
+                    path, torn)
+    return records
 
 
 def evaluate_state(

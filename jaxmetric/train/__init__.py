@@ -53,7 +53,7 @@ from jaxmetric.train.checkpoints import (
 from jaxmetric.train.embed import make_embed_fn
 from jaxmetric.train.loop import epoch_line, fit
 from jaxmetric.train.mesh import AXIS, make_mesh, use_cpu_devices
-from jaxmetric.train.objective import init_loss_params, make_loss_fn
+from jaxmetric.train.objective import check_loss_values, init_loss_params, make_loss_fn
 from jaxmetric.train.state import (
     InputSpec,
     TrainState,
@@ -69,6 +69,7 @@ __all__ = [
     "METRICS",
     "InputSpec",
     "TrainState",
+    "check_loss_values",
     "create_train_state",
     "epoch_line",
     "finalized_epochs",

@@ -29,12 +29,13 @@ from jaxmetric.models import count_params
 from jaxmetric.train import monitor, sampling
 from jaxmetric.train.checkpoints import (
     checkpoint_manager,
-    restore_checkpoint,
+    finalized_epochs,
+    restore_latest,
     save_checkpoint,
 )
 from jaxmetric.train.config import TrainConfig
 from jaxmetric.train.mesh import AXIS, available_cores, make_mesh
-from jaxmetric.train.objective import make_loss_fn
+from jaxmetric.train.objective import check_loss_values, make_loss_fn
 from jaxmetric.train.rundir import append_record, prepare_run_dir, truncate_metrics
 from jaxmetric.train.state import InputSpec, TrainState, initial_state
 from jaxmetric.train.step import METRICS, make_train_step
@@ -149,10 +150,12 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
         epoch_seconds, cpu_seconds -- the process's CPU time in the epoch, all threads:
         on a shared machine images/s depends on the neighbours, CPU seconds per epoch
         do not --, plus the hook's keys) and ``checkpoints/``.
-      resume: continue from the latest complete checkpoint in ``out_dir`` (at the start
-        of the following epoch). Without one this raises ``FileNotFoundError``: a
-        resume that silently started over could hide a wrong path. Without ``resume``,
-        a folder that already holds a run raises ``FileExistsError``.
+      resume: continue from the newest intact checkpoint in ``out_dir`` (at the start
+        of the following epoch; see **Resume** below). A folder with ``config.json`` but
+        no checkpoint yet (a run stopped in its first epoch) starts from the beginning,
+        saying so; a folder without either raises ``FileNotFoundError``: a resume that
+        silently started over could hide a wrong path. Without ``resume``, a folder that
+        already holds a run raises ``FileExistsError`` (:mod:`jaxmetric.train.rundir`).
       eval_hook: ``hook(state, epoch) -> dict`` called after epochs that are multiples
         of ``config.eval_every`` and after the last one; its dict is merged into the
         epoch's record (e.g. precision@1 from :func:`make_embed_fn`).
@@ -171,6 +174,25 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     present and the run is long), one line per epoch (loss, active fraction, images/s,
     and precision@1 when the hook measured it), and a WARNING if the embeddings look
     collapsed (:class:`jaxmetric.train.monitor.CollapseDetector`).
+
+    **Resume.** A resume after a kill at any moment is equivalent to the uninterrupted
+    run: the same params, optimizer state and ``metrics.jsonl`` records (timings aside).
+    An epoch's record is appended before its checkpoint is written, and resume drops the
+    records after the checkpoint it restores (and a torn last line), so the records
+    never claim more than what resume restores. The epoch line is logged only once the
+    checkpoint of that epoch is final (the write is waited for: it no longer overlaps
+    the next epoch) and then ends with ``| checkpoint saved``; a line without it (with
+    ``checkpoint_every > 1``) announces an epoch a kill would train again. A damaged
+    checkpoint (unreadable, or arrays differing from their recorded sha256; see
+    :mod:`jaxmetric.train.checkpoints`) is detected and skipped: the run resumes from
+    the newest intact one with a WARNING naming what it skipped and why, and deletes the
+    damaged newer ones (their epochs are trained again); with none intact it raises
+    :class:`~jaxmetric.train.checkpoints.DamagedCheckpointError`. A full disk while
+    saving raises :class:`~jaxmetric.train.checkpoints.DiskFullError` (the epoch and
+    the last complete checkpoint named, the partial write removed).
+
+    **Settings the loss refuses** (``loss_options`` values) raise ``ValueError`` before
+    anything is written (:func:`~jaxmetric.train.objective.check_loss_values`).
 
     **Divergence.** When the loss, the gradient norm or the parameter norm of any step
     turns NaN/inf (checked every ``log_every`` steps), ``fit`` raises
@@ -207,11 +229,18 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     steps = sampling.steps_per_epoch(len(train), config.batch_size)
     choice = batch_choice(config, train.labels)
     distributed.check_same_data(train.images, train.labels)
+    check_loss_values(config)
+    ckpt_dir = out_dir / "checkpoints"
+    reused = not resume and (out_dir / "config.json").exists()
     prepare_run_dir(out_dir, config, resume, data)
+    saved = finalized_epochs(ckpt_dir) if resume else []
+    distributed.check_same_value(saved[-1] if saved else 0, f"latest checkpoints in "
+                                 f"{ckpt_dir} (it must be on a file system shared by "
+                                 "every process)")
 
     dtype = jnp.dtype(config.dtype)
     # A resumed run takes its weights from the checkpoint, not the pretrained file.
-    fresh = dataclasses.replace(config, pretrained=None) if resume else config
+    fresh = dataclasses.replace(config, pretrained=None) if saved else config
     state, train_key = initial_state(fresh, steps, mesh, InputSpec.of(dataset),
                                      num_classes=len(dataset.class_names))
     replicated = NamedSharding(mesh, P())
@@ -222,19 +251,29 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
     collapse = monitor.CollapseDetector(patience=max(steps, 20))
     timed = min(steps - 1, 10)  # steps timed after the compiling first one
 
-    ckpt_dir = out_dir / "checkpoints"
     manager = checkpoint_manager(ckpt_dir, config.keep_checkpoints)
     start_epoch = 0
+    finished = False
     try:
-        if resume:
-            start_epoch = manager.latest_step()
-            distributed.check_same_value(
-                start_epoch, f"latest checkpoints in {ckpt_dir} (it must be on a file "
-                "system shared by every process)")
-            state, train_key = restore_checkpoint(manager, start_epoch, state, train_key)
+        if saved:
+            start_epoch, state, train_key, damaged = restore_latest(manager, state,
+                                                                    train_key, saved)
+            for epoch in damaged:  # trained again: their steps must be free to save
+                manager.delete(epoch)
+            if damaged and primary:
+                log.warning("deleted the damaged checkpoint%s %s of %s: epochs %d-%d are "
+                            "trained again", "s" if len(damaged) > 1 else "",
+                            ", ".join(map(str, sorted(damaged))), ckpt_dir,
+                            start_epoch + 1, max(damaged))
             if primary:
                 truncate_metrics(out_dir / "metrics.jsonl", start_epoch)
             log.info("resumed %s at epoch %d (step %d)", out_dir, start_epoch, int(state.step))
+        else:
+            if primary:  # a start stopped before its first checkpoint: begin again
+                truncate_metrics(out_dir / "metrics.jsonl", 0)
+            if resume or reused:
+                log.info("%s holds no complete checkpoint yet (the run stopped before its "
+                         "first one): starting it from the beginning", out_dir)
 
         step_fn = make_train_step(make_loss_fn(config), mesh, augment=config.augment,
                                   dtype=dtype, xbm_weight=config.xbm_weight,
@@ -299,12 +338,24 @@ def fit(config: TrainConfig, dataset, out_dir=None, *, resume: bool = False,
                     raise TypeError(f"eval_hook must return a dict; got {type(extra).__name__}")
                 record |= dict(extra)
 
-            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
-                save_checkpoint(manager, epoch + 1, state, jax.random.key_data(key))
+            # The record first (resume drops it unless the checkpoint is final), then the
+            # checkpoint, waited for, then the line: it announces only what is durable.
             if primary:
                 append_record(out_dir / "metrics.jsonl", record)
-                log.info(epoch_line(record, config.epochs))
+            checkpointed = ((epoch + 1) % config.checkpoint_every == 0
+                            or epoch + 1 == config.epochs)
+            if checkpointed:
+                save_checkpoint(manager, epoch + 1, state, jax.random.key_data(key),
+                                wait=True)
+            if primary:
+                log.info(epoch_line(record, config.epochs)
+                         + (" | checkpoint saved" if checkpointed else ""))
+        finished = True
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        try:
+            manager.wait_until_finished()
+            manager.close()
+        except Exception:
+            if finished:  # otherwise the error that stopped the run is the one to see
+                raise
     return state

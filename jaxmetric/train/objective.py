@@ -30,8 +30,8 @@ from jaxmetric.losses.margin_softmax import init_weights
 from jaxmetric.losses.proxy import init_proxies
 from jaxmetric.train.config import TrainConfig
 
-__all__ = ["MARGIN_LOSS_BETA", "init_loss_params", "make_loss_fn", "make_loss_optimizer",
-           "xbm_start_step"]
+__all__ = ["MARGIN_LOSS_BETA", "check_loss_values", "init_loss_params", "make_loss_fn",
+           "make_loss_optimizer", "xbm_start_step"]
 
 MARGIN_LOSS_BETA = 1.2
 """Initial class boundary ``beta`` of the margin loss (Wu et al. 2017)."""
@@ -53,6 +53,26 @@ def make_loss_fn(config: TrainConfig) -> Callable:
         return fn(embeddings, labels, params, axis_name=axis_name, **reference)
 
     return loss_fn
+
+
+def check_loss_values(config: TrainConfig) -> None:
+    """Raise ``ValueError`` with the loss's own message if it refuses its settings.
+
+    The config checks ``loss_options`` by key only (``alpha=-1``, ``gamma=0`` or
+    ``distance=manhattan`` pass); the loss checks its values when it is traced. This
+    traces it once (``jax.eval_shape``: no computation) on a batch of 4 embeddings of 2
+    classes, with learned parameters for 2 classes where it has them.
+    """
+    loss_fn = make_loss_fn(config)
+    emb = jax.ShapeDtypeStruct((4, config.embed_dim), jnp.float32)
+    labels = jax.ShapeDtypeStruct((4,), jnp.int32)
+    params = jax.eval_shape(lambda: init_loss_params(config, jax.random.key(0), 2,
+                                                     config.embed_dim))
+    try:
+        jax.eval_shape(lambda e, y, p: loss_fn(e, y, params=p), emb, labels, params)
+    except (ValueError, TypeError) as e:
+        given = f" (loss_options {config.loss_options!r})" if config.loss_options else ""
+        raise ValueError(f"the {config.loss} loss refuses its settings{given}: {e}") from None
 
 
 def init_loss_params(config: TrainConfig, rng: jax.Array, num_classes: int | None,
