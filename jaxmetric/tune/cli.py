@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=int, required=True, metavar="N",
                    help="finished trials (complete or pruned) the study ends with, counting "
                         "those of earlier starts")
-    s.add_argument("--out", metavar="DIR", help="the study's folder: the storage, one run "
-                   "folder per trial, the best settings (default: runs/tune-<loss>)")
+    s.add_argument("--out", dest="study_out", metavar="DIR",
+                   help="the study's folder: the storage, one run folder per trial, the best "
+                        "settings (default: runs/tune-<loss>)")
     s.add_argument("--storage", metavar="URL", help="an SQLAlchemy database URL (default: "
                    "sqlite:///DIR/study.db)")
     s.add_argument("--study-name", metavar="NAME", help="default: the loss's name")
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     if not space:
         parser.error(f"nothing left to tune for {loss}: the flags fix every setting of its "
                      f"search space ({', '.join(sorted(left_out))})")
-    out = pathlib.Path(args.out or f"runs/tune-{loss}")
+    out = pathlib.Path(args.study_out or f"runs/tune-{loss}")
     storage = args.storage or f"sqlite:///{out / 'study.db'}"
     if "://" not in storage:
         parser.error(f"--storage must be a database URL such as sqlite:///study.db; got "
@@ -265,7 +266,7 @@ def _run(args, parser, setup, space, left_out, out, storage, name, disjoint, dat
                                      heartbeat=args.heartbeat)
     except ValueError as e:
         _fail(parser, str(e))
-    log.info("tuning %s on %s: %s", setup.loss, ", ".join(
+    log.info("tuning %s over %s; objective: the validation %s", setup.loss, ", ".join(
         f"{k} {_describe(p)}" for k, p in space.items()), setup.objective)
     for key, why in left_out.items():
         log.info("not tuned: %s (%s)", key, why)
