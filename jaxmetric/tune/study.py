@@ -134,8 +134,9 @@ def _sampler_and_pruner(setup: StudySetup, trials: int, existing: int):
                                          n_startup_trials=min(10, max(3, trials // 4)))
     if setup.pruner == "none":
         pruner = optuna.pruners.NopPruner()
-    else:  # the first two trials run whole; nothing is pruned after its first epoch
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    else:  # the first two trials run whole; pruning starts at the second epoch (the steps
+        # are epochs 1, 2, ...; Optuna prunes from step n_warmup_steps on)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
     return sampler, pruner
 
 
