@@ -223,7 +223,7 @@ LAYERS = {
     "losses": 2, "models": 2, "data": 2, "evaluate": 2,
     "train": 3,
     "report": 4,
-    "search": 5,
+    "search": 5, "tune": 5,
 }
 """The floor of each top-level module or package: imports go to a lower floor only."""
 

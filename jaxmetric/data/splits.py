@@ -25,7 +25,22 @@ training; the held-out side carries the same statistics.
 
 :func:`choose_classes` turns the usual ways of naming a split ("the first N classes",
 "the last N held out", explicit lists) into the two lists of names, with an error that
-names the problem for every bad choice. Pure NumPy.
+names the problem for every bad choice.
+
+**Validation splits** (tuning hyper-parameters without looking at the test set, as
+Musgrave et al. 2020 ask): both are carved from the training images alone, so the test
+images (and a :class:`ClassSplit`'s held-out classes) stay untouched until the final run.
+
+* :func:`validation_split` -- for the protocol that trains and evaluates on the same
+  classes: a class-balanced random part of each class's training images becomes the
+  validation queries (``test``), searched against the rest, which is also what trains
+  (``train``): the test -> train protocol becomes validation -> train-minus-validation;
+* :func:`validation_classes` -- for the class-disjoint protocol: some training classes,
+  chosen at random, are held out whole; their training images are the validation
+  queries, searched leave-one-out among themselves (no gallery), and the network trains
+  on the other classes.
+
+Pure NumPy.
 
 References:
   Song, Xiang, Jegelka, Savarese. "Deep Metric Learning via Lifted Structured Feature
@@ -45,7 +60,7 @@ import numpy as np
 from jaxmetric.data.types import Dataset, Split, balanced_subset
 
 __all__ = ["MIN_CLASSES", "ClassSplit", "choose_classes", "hold_out_last", "limit",
-           "split_classes"]
+           "split_classes", "validation_classes", "validation_split"]
 
 MIN_CLASSES = 2
 """Fewest classes on either side: training needs a negative for every anchor, and among
@@ -243,3 +258,122 @@ def limit(split: ClassSplit, max_train: int | None = None,
     held_out = dataclasses.replace(
         split.eval, test=take(split.eval.test, max_test, split.eval.num_classes))
     return ClassSplit(train, held_out)
+
+
+def _empty_like(split: Split) -> Split:
+    return Split(split.images[:0], split.labels[:0])
+
+
+def validation_split(dataset: Dataset, fraction: float = 0.2, *, seed: int = 0) -> Dataset:
+    """The training images of ``dataset`` cut into training and validation images, class by
+    class (``dataset.test`` is left out).
+
+    A class with :math:`n_c \\ge 2` training images gives
+    :math:`k_c = \\min(\\max(\\mathrm{round}(f\\,n_c), 1), n_c - 1)` of them, drawn at
+    random (``numpy.random.default_rng(seed)``), to the validation queries; a class with
+    one image keeps it for training. So every class is validated and still trains.
+
+    >>> import numpy as np
+    >>> from jaxmetric.data import Dataset, Split
+    >>> images = np.zeros((10, 4, 4, 3), np.uint8)
+    >>> labels = np.array([0] * 5 + [1] * 5, np.int32)
+    >>> data = Dataset(Split(images, labels), Split(images[:2], labels[:2]), ("a", "b"))
+    >>> val = validation_split(data, 0.4)
+    >>> len(val.train), len(val.test), np.bincount(val.test.labels).tolist()
+    (6, 4, [2, 2])
+
+    Args:
+      dataset: the data of a run that trains and evaluates on the same classes.
+      fraction: :math:`f`, the share of each class held out, in (0, 1).
+      seed: which images.
+
+    Returns:
+      A :class:`~jaxmetric.data.Dataset` with the same classes, normalisation and input
+      size: ``train`` the images left to train on, ``test`` the validation queries.
+
+    Raises:
+      ValueError: ``fraction`` outside (0, 1), or no class with two training images.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must lie in (0, 1); got {fraction!r}")
+    labels = dataset.train.labels
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in range(dataset.num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) < 2:
+            continue
+        k = min(max(int(round(fraction * len(members))), 1), len(members) - 1)
+        held.append(rng.choice(members, k, replace=False))
+    if not held:
+        raise ValueError("a validation split needs a class with at least 2 training images")
+    is_val = np.zeros(len(labels), bool)
+    is_val[np.concatenate(held)] = True
+    train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    images = dataset.train.images
+    note = dataset.description or "the data"
+    return dataclasses.replace(
+        dataset, train=Split(images[train], labels[train]), test=Split(images[val], labels[val]),
+        description=f"{note}, {len(val)} of its training images held out for validation")
+
+
+def validation_classes(dataset: Dataset, count: int, *, seed: int = 0) -> ClassSplit:
+    """``count`` classes of ``dataset``, chosen at random, held out of its training images
+    for validation (``dataset.test`` is left out).
+
+    For the class-disjoint protocol pass the training side of a :class:`ClassSplit`
+    (``split.train``): its held-out classes stay unseen. The validation classes' training
+    images become the queries (``eval.test``), scored leave-one-out (``eval.train`` is
+    empty: no gallery); the other classes' training images train (``train.train``;
+    ``train.test`` is empty). Labels are renumbered within each side, as in
+    :func:`split_classes`.
+
+    >>> import numpy as np
+    >>> from jaxmetric.data import Dataset, Split
+    >>> images = np.zeros((12, 4, 4, 3), np.uint8)
+    >>> labels = np.arange(12, dtype=np.int32) % 6
+    >>> data = Dataset(Split(images, labels), Split(images[:1], labels[:1]), tuple("abcdef"))
+    >>> split = validation_classes(data, 2)
+    >>> len(split.train.class_names), len(split.eval.class_names), len(split.eval.test)
+    (4, 2, 4)
+
+    Args:
+      dataset: the training classes of a run.
+      count: how many of them validate (at least :data:`MIN_CLASSES`, leaving as many).
+      seed: which classes.
+
+    Returns:
+      A :class:`ClassSplit`: ``train`` the classes that train, ``eval`` the validation
+      classes.
+
+    Raises:
+      ValueError: ``count`` out of range, or a class without training images.
+    """
+    n = dataset.num_classes
+    most = n - MIN_CLASSES
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) \
+            or not MIN_CLASSES <= count <= most:
+        raise ValueError(
+            f"the number of validation classes must be an int in [{MIN_CLASSES}, {most}] for "
+            f"{n} training classes (at least {MIN_CLASSES} validate and {MIN_CLASSES} "
+            f"train); got {count!r}")
+    counts = np.bincount(dataset.train.labels, minlength=n)
+    empty = [dataset.class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(f"class(es) {empty} have no training images")
+    rng = np.random.default_rng(seed)
+    val_ids = np.sort(rng.choice(n, int(count), replace=False))
+    train_ids = np.setdiff1d(np.arange(n), val_ids)
+    names = dataset.class_names
+    train = Dataset(_subset(dataset.train, train_ids, n), _empty_like(dataset.test),
+                    tuple(names[i] for i in train_ids), mean=dataset.mean, std=dataset.std,
+                    description=dataset.description, input_size=dataset.input_size)
+    mean, std = train.normalization
+    train = dataclasses.replace(train, mean=mean, std=std)
+    note = dataset.description or "the data"
+    val = Dataset(_empty_like(dataset.train), _subset(dataset.train, val_ids, n),
+                  tuple(names[i] for i in val_ids), mean=mean, std=std,
+                  description=f"{note}, {len(val_ids)} training classes held out for "
+                              "validation", input_size=dataset.input_size)
+    return ClassSplit(train, val)

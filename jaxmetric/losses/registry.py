@@ -14,6 +14,20 @@ the triplet loss on squared ones with FaceNet's margin 0.2; the proxies of Proxy
 and Proxy-NCA learn 100 times faster than the network, as in Kim et al. 2020 and
 Movshovitz-Attias et al. 2017.
 
+**Search spaces.** Each entry may also declare the ranges its hyper-parameters are tuned
+over (``search_space``: a name -> :class:`Range` or :class:`Choice` mapping), read by
+:mod:`jaxmetric.tune`, which tunes every loss the same way on a validation split (the
+protocol of Musgrave et al. 2020). It is data only; :attr:`LossEntry.tuning_space` adds
+what every loss shares (:data:`GENERIC_SPACE`: the optimizer and its learning rate, and
+for a loss with a learned argument its learning-rate multiplier,
+:data:`LEARNED_LR_RANGE`), so an entry without a space of its own is still tuned. A name
+is a :class:`~jaxmetric.train.config.TrainConfig` field (``margin`` is the entry's
+``margin_arg``, ``temperature``, ``pos_margin``, ``loss_lr_multiplier``, ``optimizer``),
+``lr_factor`` (the peak learning rate in units of the run's default one,
+:meth:`~jaxmetric.train.config.TrainConfig.peak_lr`: ``0.1 * batch / 256`` for SGD,
+``1e-3`` for AdamW, so one range serves both optimizers and every batch size), or another
+keyword-only argument of the loss function (set through ``loss_options``).
+
 Example::
 
     >>> from jaxmetric.losses import registry
@@ -26,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -42,7 +57,61 @@ from jaxmetric.losses.weighted_pair import (
 )
 from jaxmetric.utils import check_choice
 
-__all__ = ["LOSSES", "NAMES", "LossEntry", "get"]
+__all__ = ["GENERIC_SPACE", "LEARNED_LR_RANGE", "LOSSES", "NAMES", "Choice", "LossEntry",
+           "Range", "get"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A number tuned in ``[low, high]``, uniformly or (``log``) log-uniformly.
+
+    >>> Range(0.1, 0.7).low, Range(8.0, 64.0, log=True).log
+    (0.1, True)
+    """
+
+    low: float
+    high: float
+    log: bool = False
+
+    def __post_init__(self):
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"Range.{name} must be a finite number; got {value!r}")
+        if not self.low < self.high:
+            raise ValueError(f"Range needs low < high; got [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log Range needs low > 0; got {self.low}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A setting tuned among ``options`` (strings, numbers or bools).
+
+    >>> Choice(("sgd", "adamw")).options
+    ('sgd', 'adamw')
+    """
+
+    options: tuple
+
+    def __post_init__(self):
+        if not isinstance(self.options, tuple) or len(self.options) < 2:
+            raise ValueError(f"Choice needs a tuple of at least 2 options; got {self.options!r}")
+        if len(set(self.options)) != len(self.options):
+            raise ValueError(f"Choice repeats an option: {self.options!r}")
+
+
+GENERIC_SPACE: Mapping[str, Range | Choice] = MappingProxyType({
+    "optimizer": Choice(("sgd", "adamw")),
+    "lr_factor": Range(0.1, 3.0, log=True),
+})
+"""What every loss is tuned over: the optimizer, and the peak learning rate from a tenth
+to three times the run's default (``lr_factor``, see the module docstring)."""
+
+LEARNED_LR_RANGE = Range(1.0, 300.0, log=True)
+"""The learning-rate multiplier of a learned argument (proxies, class weights, beta),
+tuned for every loss that has one unless its entry declares its own range."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +128,9 @@ class LossEntry:
         ``"weights"`` (C, D) or ``"beta"`` (C,)), or None.
       pairs: a pair-based loss: takes a reference set, so a cross-batch memory.
       lr_multiplier: default learning-rate multiplier of the learned argument.
+      search_space: the ranges this loss's own hyper-parameters are tuned over (see the
+        module docstring), or None: only :data:`GENERIC_SPACE` (and the learned
+        argument's multiplier).
     """
 
     fn: Callable
@@ -68,6 +140,26 @@ class LossEntry:
     learned: str | None = None
     pairs: bool = True
     lr_multiplier: float = 1.0
+    search_space: Mapping[str, Range | Choice] | None = dataclasses.field(
+        default=None, hash=False)
+
+    def __post_init__(self):
+        if self.search_space is not None:
+            bad = {k: v for k, v in self.search_space.items()
+                   if not isinstance(k, str) or not isinstance(v, (Range, Choice))}
+            if bad:
+                raise TypeError(f"search_space maps names to Range or Choice; got {bad!r}")
+            object.__setattr__(self, "search_space", MappingProxyType(dict(self.search_space)))
+
+    @property
+    def tuning_space(self) -> Mapping[str, Range | Choice]:
+        """Everything this loss is tuned over: :data:`GENERIC_SPACE`, the learned
+        argument's multiplier (:data:`LEARNED_LR_RANGE`) where it has one, and its own
+        ``search_space`` (which wins where the names meet)."""
+        space = dict(GENERIC_SPACE)
+        if self.learned is not None:
+            space["loss_lr_multiplier"] = LEARNED_LR_RANGE
+        return MappingProxyType(space | dict(self.search_space or {}))
 
     @property
     def name(self) -> str:
@@ -97,19 +189,32 @@ def _entries(*entries: LossEntry) -> Mapping[str, LossEntry]:
 
 
 LOSSES: Mapping[str, LossEntry] = _entries(
-    LossEntry(contrastive_loss, "margin", 1.0, distance="l2"),
-    LossEntry(triplet_loss, "margin", 0.2, distance="squared_l2"),
-    LossEntry(supcon_loss),
-    LossEntry(ntxent_loss),
-    LossEntry(multi_similarity_loss),
-    LossEntry(circle_loss, "m"),
-    LossEntry(lifted_structure_loss, "neg_margin", distance="l2"),
-    LossEntry(margin_loss, "margin", distance="l2", learned="beta"),
+    LossEntry(contrastive_loss, "margin", 1.0, distance="l2",
+              search_space={"margin": Range(0.3, 1.6), "pos_margin": Range(0.0, 0.3)}),
+    LossEntry(triplet_loss, "margin", 0.2, distance="squared_l2",
+              search_space={"margin": Range(0.02, 1.0, log=True)}),
+    LossEntry(supcon_loss, search_space={"temperature": Range(0.02, 0.5, log=True)}),
+    LossEntry(ntxent_loss, search_space={"temperature": Range(0.02, 0.5, log=True)}),
+    LossEntry(multi_similarity_loss,
+              search_space={"alpha": Range(0.5, 10.0, log=True),
+                            "beta": Range(10.0, 80.0, log=True), "base": Range(0.2, 0.8)}),
+    LossEntry(circle_loss, "m",
+              search_space={"margin": Range(0.1, 0.5), "gamma": Range(8.0, 256.0, log=True)}),
+    LossEntry(lifted_structure_loss, "neg_margin", distance="l2",
+              search_space={"margin": Range(0.3, 1.6)}),
+    LossEntry(margin_loss, "margin", distance="l2", learned="beta",
+              search_space={"margin": Range(0.05, 0.5)}),
     LossEntry(proxy_anchor_loss, "margin", learned="proxies", pairs=False,
-              lr_multiplier=100.0),
-    LossEntry(proxy_nca_loss, learned="proxies", pairs=False, lr_multiplier=100.0),
-    LossEntry(arcface_loss, "margin", learned="weights", pairs=False),
-    LossEntry(cosface_loss, "margin", learned="weights", pairs=False),
+              lr_multiplier=100.0,
+              search_space={"margin": Range(0.0, 0.3), "alpha": Range(8.0, 64.0, log=True),
+                            "loss_lr_multiplier": Range(10.0, 1000.0, log=True)}),
+    LossEntry(proxy_nca_loss, learned="proxies", pairs=False, lr_multiplier=100.0,
+              search_space={"softmax_scale": Range(1.0, 32.0, log=True),
+                            "loss_lr_multiplier": Range(10.0, 1000.0, log=True)}),
+    LossEntry(arcface_loss, "margin", learned="weights", pairs=False,
+              search_space={"margin": Range(0.1, 0.7), "scale": Range(8.0, 64.0, log=True)}),
+    LossEntry(cosface_loss, "margin", learned="weights", pairs=False,
+              search_space={"margin": Range(0.1, 0.5), "scale": Range(8.0, 64.0, log=True)}),
 )
 """Every loss a run can train with, by name, in the order the documentation lists them."""
 

@@ -14,7 +14,8 @@ run folder it writes
   retrieval grid (matplotlib and openTSNE only; importing it loads no training code);
 * :mod:`~jaxmetric.report.markdown` -- :func:`write_report`, the ``report.md`` writer;
 * :mod:`~jaxmetric.report.run` -- :func:`evaluate_state` (embed, score, draw, write),
-  :func:`precision_at_1_hook` for the per-epoch P@1 during training, :func:`embed_splits`,
+  :func:`precision_at_1_hook` for the per-epoch P@1 during training (and
+  :func:`retrieval_hook` for another per-epoch score), :func:`embed_splits`,
   :func:`summary_line`; the data is named by its ``Dataset.description``;
 * :mod:`~jaxmetric.report.cli` -- :func:`main`, the command line of
   ``python -m jaxmetric.report``.
@@ -32,6 +33,7 @@ from jaxmetric.report.run import (
     embed_splits,
     evaluate_state,
     precision_at_1_hook,
+    retrieval_hook,
     summary_line,
 )
 
@@ -41,6 +43,7 @@ __all__ = [
     "evaluate_state",
     "main",
     "precision_at_1_hook",
+    "retrieval_hook",
     "summary_line",
     "write_report",
 ]

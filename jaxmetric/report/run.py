@@ -20,13 +20,15 @@ import numpy as np
 from jaxmetric import distributed, evaluate
 from jaxmetric.report import visualize
 from jaxmetric.report.markdown import write_report
-from jaxmetric.utils import read_jsonl, write_atomic
+from jaxmetric.utils import check_choice, read_jsonl, write_atomic
 
 __all__ = [
     "EMBED_BATCH",
+    "RETRIEVAL_SCORES",
     "embed_splits",
     "evaluate_state",
     "precision_at_1_hook",
+    "retrieval_hook",
     "summary_line",
 ]
 
@@ -53,32 +55,44 @@ def embed_splits(state, dataset, *, mesh=None, progress: bool = True):
     return train_emb, test_emb
 
 
-def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False, what: str | None = None):
-    """``hook(state, epoch) -> {"precision_at_1": ..., "precision_at_1_of": ...}`` for
-    :func:`train.fit`.
+RETRIEVAL_SCORES = ("precision_at_1", "recall_at_1", "map_at_r", "r_precision")
+"""The scores :func:`retrieval_hook` can measure (keys of
+:func:`jaxmetric.evaluate.retrieval_metrics`)."""
 
-    Test queries against the training set with an exact FAISS index (the lecture's P@1),
-    or leave-one-out among the test images when ``dataset`` has no training images (the
-    held-out side of a :class:`jaxmetric.data.splits.ClassSplit` without a gallery). For the
-    class-disjoint protocol pass the held-out side (``ClassSplit.eval``): the P@1 is then
-    measured on classes never trained on. ``precision_at_1_of`` says what was measured
-    (``what``, else the protocol); computed on process 0 and broadcast, so every process
-    logs the same record.
+
+def retrieval_hook(dataset, metric: str = "precision_at_1", *, mesh=None,
+                   progress: bool = False, what: str | None = None):
+    """``hook(state, epoch) -> {metric: ..., metric + "_of": ...}`` for :func:`train.fit`:
+    one retrieval score of :data:`RETRIEVAL_SCORES` per evaluated epoch.
+
+    Test queries against the training set with an exact FAISS index, or leave-one-out
+    among the test images when ``dataset`` has no training images (the held-out side of a
+    :class:`jaxmetric.data.splits.ClassSplit` without a gallery). For the class-disjoint
+    protocol pass the held-out side (``ClassSplit.eval``): the score is then measured on
+    classes never trained on. ``<metric>_of`` says what was measured (``what``, else the
+    protocol); computed on process 0 and broadcast, so every process logs the same record.
     """
+    check_choice("metric", metric, RETRIEVAL_SCORES)
     leave_one_out = len(dataset.train) == 0
     label = what or ("test vs test, leave-one-out" if leave_one_out else "test vs train")
 
     def hook(state, epoch):
         train_emb, test_emb = embed_splits(state, dataset, mesh=mesh, progress=progress)
-        p1 = 0.0
+        score = 0.0
         if jax.process_index() == 0:
             refs = (None, None) if leave_one_out else (train_emb, dataset.train.labels)
             m = evaluate.retrieval_metrics(test_emb, dataset.test.labels, *refs, ks=(1,))
-            p1 = float(m["precision_at_1"])
-        p1 = float(distributed.broadcast_from_primary(np.float32(p1)))
-        return {"precision_at_1": p1, "precision_at_1_of": label}
+            score = float(m[metric])
+        score = float(distributed.broadcast_from_primary(np.float32(score)))
+        return {metric: score, f"{metric}_of": label}
 
     return hook
+
+
+def precision_at_1_hook(dataset, *, mesh=None, progress: bool = False, what: str | None = None):
+    """``hook(state, epoch) -> {"precision_at_1": ..., "precision_at_1_of": ...}`` for
+    :func:`train.fit`: :func:`retrieval_hook` of the lecture's P@1."""
+    return retrieval_hook(dataset, "precision_at_1", mesh=mesh, progress=progress, what=what)
 
 
 def _read_records(path: pathlib.Path) -> list[dict]:
