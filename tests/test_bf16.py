@@ -44,6 +44,14 @@ from jaxmetric.train.objective import make_loss_optimizer
 import oracles_pair_losses as pair_oracles
 import oracles_proxy as class_oracles
 
+
+def compile_cheaply(jitted, *args):
+    """``jitted`` compiled for ``args`` without LLVM's optimisations: half the compile
+    time of these small programs, the same arithmetic (XLA's CPU backend keeps IEEE
+    semantics, no fast math, at every optimisation level)."""
+    return jitted.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})
+
+
 # ------------------------------------------------------- every loss trains in bf16
 
 NUM_CLASSES = 4
@@ -123,10 +131,7 @@ def test_every_loss_trains_finite_in_bfloat16(name, network_state):
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), jax.device_put(state, replicated))
     data = jax.device_put((images, labels), replicated)
     indices = jax.device_put(np.arange(BATCH, dtype=np.int32), NamedSharding(mesh, P(AXIS)))
-    # Compiled without LLVM's optimisations (half the compile time; the same IEEE
-    # arithmetic: XLA's CPU backend does not use fast math).
-    step = step.lower(state, *data, indices, KEY).compile(
-        compiler_options={"xla_backend_optimization_level": 0})
+    step = compile_cheaply(step, state, *data, indices, KEY)
     history = []
     for _ in range(STEPS):
         state, metrics = step(state, *data, indices, KEY)
@@ -248,10 +253,6 @@ def _tolerance(case):
     return atol
 
 
-def _as_bf16(*arrays):
-    return [jnp.asarray(a, jnp.bfloat16) for a in arrays]
-
-
 def _rounded(a):
     return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
 
@@ -265,76 +266,79 @@ def _check_value_and_grads(where, loss, grads, want, atol, dtype):
     assert abs(float(loss) - want) <= atol + 1e-5 * abs(want), (where, float(loss), want)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_pair_losses_at_large_scales(dtype):
+def _check_direction(name, f, got):
+    """``got`` (the loss's derivative along a direction) against the central difference
+    of the float64 oracle ``f(t)`` along it."""
+    h = 1e-6
+    want = (f(h) - f(-h)) / (2 * h)
+    assert abs(got - want) <= 1e-3 * max(1.0, abs(want)), (name, got, want)
+
+
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def test_pair_losses_at_large_scales():
+    """Every pair case on every input of :func:`_pair_inputs`, from float32 and from
+    bfloat16 embeddings: the oracle's value, finite gradients in the input's dtype; on
+    the ordinary rows the float32 gradient along a random direction (Circle's weights
+    held at the point, as in the paper: ``weights_from``)."""
     rng = np.random.default_rng(0)
     inputs = _pair_inputs(rng)
+    direction = rng.normal(size=(B, D))
 
-    @jax.jit
-    def run(x, y):
-        return [jax.value_and_grad(lambda e, c=c: c.fn(e, y, **c.kw)[0])(x)
-                for c in PAIR_CASES]
+    def run(x32, x16, y):
+        return [[jax.value_and_grad(lambda e, c=c: c.fn(e, y, **c.kw)[0])(x)
+                 for c in PAIR_CASES] for x in (x32, x16)]
 
+    run = compile_cheaply(jax.jit(run), *_typed(inputs[0][1]), inputs[0][2])
     for input_name, x, labels in inputs:
-        xd = jnp.asarray(x, dtype)
-        x64 = _rounded(xd)
-        for case, (loss, g) in zip(PAIR_CASES, run(xd, labels), strict=True):
-            want = case.oracle(x64, labels, **case.kw)[0]
-            _check_value_and_grads(f"{case.name} on {input_name} ({dtype.__name__})", loss,
-                                   [g], want, _tolerance(case), dtype)
+        typed = _typed(x)
+        for dtype, xd, results in zip(DTYPES, typed, run(*typed, labels), strict=True):
+            x64 = _rounded(xd)
+            for case, (loss, g) in zip(PAIR_CASES, results, strict=True):
+                want = case.oracle(x64, labels, **case.kw)[0]
+                _check_value_and_grads(f"{case.name} on {input_name} ({dtype.__name__})",
+                                       loss, [g], want, _tolerance(case), dtype)
+                if input_name == "random" and dtype == jnp.float32:
+                    extra = {"weights_from": x64} if case.oracle is pair_oracles.circle else {}
+                    _check_direction(case.name, lambda t, c=case, e=extra, x=x64, y=labels:
+                                     c.oracle(x + t * direction, y, **c.kw, **e)[0],
+                        float(np.sum(np.asarray(g, np.float64) * direction)))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_class_losses_at_large_scales(dtype):
+def test_class_losses_at_large_scales():
+    """Every class case on every input of :func:`_class_inputs`, as for the pair
+    losses (the gradient with respect to the rows and the class vectors)."""
     rng = np.random.default_rng(1)
     inputs = _class_inputs(rng)
+    vx, vw = rng.normal(size=(B, D)), rng.normal(size=(C, D))
 
-    @jax.jit
-    def run(x, y, w):
-        return [jax.value_and_grad(lambda e, v, c=c: c.fn(e, y, v, **c.kw)[0], (0, 1))(x, w)
-                for c in CLASS_CASES]
+    def run(x32, w32, x16, w16, y):
+        return [[jax.value_and_grad(lambda e, v, c=c: c.fn(e, y, v, **c.kw)[0], (0, 1))(x, w)
+                 for c in CLASS_CASES] for x, w in ((x32, w32), (x16, w16))]
 
+    _, x0, y0, w0 = inputs[0]
+    run = compile_cheaply(jax.jit(run), *_typed(x0, w0), y0)
     for input_name, x, labels, w in inputs:
-        xd, wd = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
-        x64, w64 = _rounded(xd), _rounded(wd)
-        for case, (loss, (gx, gw)) in zip(CLASS_CASES, run(xd, labels, wd), strict=True):
-            want = case.oracle(x64, labels, w64, **case.kw)[0]
-            _check_value_and_grads(f"{case.name} on {input_name} ({dtype.__name__})", loss,
-                                   [gx, gw], want, _tolerance(case), dtype)
+        typed = _typed(x, w)
+        results = run(*typed, labels)
+        for dtype, (xd, wd), result in zip(DTYPES, (typed[:2], typed[2:]), results,
+                                           strict=True):
+            x64, w64 = _rounded(xd), _rounded(wd)
+            for case, (loss, (gx, gw)) in zip(CLASS_CASES, result, strict=True):
+                want = case.oracle(x64, labels, w64, **case.kw)[0]
+                _check_value_and_grads(f"{case.name} on {input_name} ({dtype.__name__})",
+                                       loss, [gx, gw], want, _tolerance(case), dtype)
+                if input_name == "random" and dtype == jnp.float32:
+                    _check_direction(case.name, lambda t, c=case, x=x64, y=labels, w=w64: c.oracle(
+                        x + t * vx, y, w + t * vw, **c.kw)[0],
+                        float(np.sum(np.asarray(gx, np.float64) * vx)
+                              + np.sum(np.asarray(gw, np.float64) * vw)))
 
 
-def test_large_scale_gradients_match_the_oracles():
-    """On ordinary rows the float32 gradient along a random direction equals the float64
-    oracle's central difference (Circle with its weights held at the point, as in the
-    paper: ``weights_from``)."""
-    rng = np.random.default_rng(2)
-    (_, x, labels), (_, xc, lc, w) = _pair_inputs(rng)[0], _class_inputs(rng)[0]
-    v, vc, vw = (rng.normal(size=a.shape) for a in (x, xc, w))
-
-    @jax.jit
-    def run(x, xc, w):
-        pair = [jax.grad(lambda e, c=c: c.fn(e, labels, **c.kw)[0])(x) for c in PAIR_CASES]
-        cls = [jax.grad(lambda e, p, c=c: c.fn(e, lc, p, **c.kw)[0], (0, 1))(xc, w)
-               for c in CLASS_CASES]
-        return pair, cls
-
-    pair_grads, class_grads = run(x, xc, w)
-    h = 1e-6
-    x64, xc64, w64 = (a.astype(np.float64) for a in (x, xc, w))
-    for case, g in zip(PAIR_CASES, pair_grads, strict=True):
-        extra = {"weights_from": x64} if case.oracle is pair_oracles.circle else {}
-        f = lambda t, c=case, extra=extra: c.oracle(  # noqa: E731
-            x64 + t * v, labels, **c.kw, **extra)[0]
-        want = (f(h) - f(-h)) / (2 * h)
-        got = float(np.sum(np.asarray(g, np.float64) * v))
-        assert abs(got - want) <= 1e-3 * max(1.0, abs(want)), (case.name, got, want)
-    for case, (gx, gw) in zip(CLASS_CASES, class_grads, strict=True):
-        f = lambda t, c=case: c.oracle(  # noqa: E731
-            xc64 + t * vc, lc, w64 + t * vw, **c.kw)[0]
-        want = (f(h) - f(-h)) / (2 * h)
-        got = float(np.sum(np.asarray(gx, np.float64) * vc)
-                    + np.sum(np.asarray(gw, np.float64) * vw))
-        assert abs(got - want) <= 1e-3 * max(1.0, abs(want)), (case.name, got, want)
+def _typed(*arrays):
+    """The arrays in float32, then in bfloat16."""
+    return [jnp.asarray(a, d) for d in DTYPES for a in arrays]
 
 
 # ------------------------------------------------------------- Adam on ArcFace s = 64
@@ -344,16 +348,17 @@ def test_large_scale_gradients_match_the_oracles():
 def test_adam_on_arcface_scale_64_stays_finite(dtype):
     """pytorch-metric-learning #530: ArcFace with Adam went NaN once rows reached their
     class weights (``acos`` at 1). Here a linear map of random inputs (computed in
-    ``dtype``) and the class weights learn with Adam for 300 steps; every loss,
+    ``dtype``) and the class weights learn with Adam (learning rate 0.1) for 300 steps; every loss,
     gradient and parameter stays finite, the loss falls, and the rows do reach their
-    weights (the largest own-class cosine passes 0.999)."""
+    weights (the largest own-class cosine passes 1 - 1e-5, where the derivative of
+    the angle is 1 / sin θ > 200)."""
     rng = np.random.default_rng(3)
     n, d_in, dim, classes = 64, 16, 8, 8
     inputs = jnp.asarray(rng.normal(size=(n, d_in)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, classes, n), jnp.int32)
     params = {"map": jnp.asarray(rng.normal(size=(d_in, dim)) / math.sqrt(d_in), jnp.float32),
               "weights": init_weights(jax.random.key(0), classes, dim)}
-    tx = optax.adam(1e-2)
+    tx = optax.adam(0.1)
 
     def objective(p):
         emb = jnp.matmul(inputs.astype(dtype), p["map"].astype(dtype))
@@ -369,15 +374,16 @@ def test_adam_on_arcface_scale_64_stays_finite(dtype):
         p, opt = carry
         loss, g = jax.value_and_grad(objective)(p)
         updates, opt = tx.update(g, opt, p)
-        return (optax.apply_updates(p, updates), opt), (loss, optax.tree.norm(g))
+        p = optax.apply_updates(p, updates)
+        return (p, opt), (loss, optax.tree.norm(g), own_cosine(p))
 
-    @jax.jit
     def run(p):
-        (p, _), (values, grad_norms) = jax.lax.scan(body, (p, tx.init(p)), length=300)
-        return p, values, grad_norms, own_cosine(p)
+        (p, _), history = jax.lax.scan(body, (p, tx.init(p)), length=300)
+        return p, *history
 
+    run = compile_cheaply(jax.jit(run), params)
     final, values, grad_norms, cos = jax.device_get(run(params))
     assert np.isfinite(values).all() and np.isfinite(grad_norms).all()
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(final))
     assert values[-1] < 0.5 * values[0], (values[0], values[-1])
-    assert cos > 0.999, cos
+    assert cos.max() > 1 - 1e-5, cos.max()
