@@ -63,6 +63,9 @@ nitpicky = True
 myst_heading_anchors = 6
 # $$ ... $$ display math (GitHub renders it as well).
 myst_enable_extensions = ["dollarmath"]
+# Pages whose inline ``jaxmetric.…`` names are not turned into links: the changelog names
+# the modules of earlier versions.
+jaxmetric_plain_names_in = ["changelog"]
 
 # ---------------------------------------------------------------- API reference
 autosummary_generate = True
@@ -77,9 +80,9 @@ autodoc_preserve_defaults = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
-# Where each public function, class and constant is documented once (the package that
-# re-exports it, else its own module), computed from the package at build time.
-autosummary_context = {"documented_elsewhere": jaxmetric_docs.documented_elsewhere("jaxmetric")}
+# Everything is documented on the page of the module that defines it; a package's page
+# lists what it re-exports (read from the sources at build time).
+autosummary_context = {"layout": jaxmetric_docs.module_layout("jaxmetric")}
 
 # ---------------------------------------------------------------- math
 # MathJax 3 from the sphinx-mathjax-offline package, copied into the site's _static/
@@ -119,15 +122,11 @@ intersphinx_timeout = 10
 # projects whose inventory could not be fetched for this build are ignored, so an
 # online build still checks every link into jax, flax, optax, NumPy and Python.
 EXTERNAL_NAMESPACES = {
-    "python": [r"(pathlib|collections|typing|dataclasses|argparse|concurrent|os|io|"
-               r"logging|threading|subprocess|enum|types|contextlib|tarfile|json)(\..*)?",
-               r"(Path|Callable|Iterable|Iterator|Sequence|Mapping|Collection|"
-               r"MutableMapping|Generator|ArgumentParser|Namespace|Enum|Logger)"],
-    "numpy": [r"(numpy|np)(\..*)?", r"(ndarray|ArrayLike|DTypeLike|dtype)"],
-    "jax": [r"(jax|jaxlib|jnp|chex)(\..*)?", r"(Array|PRNGKeyArray|Mesh|NamedSharding|"
-            r"PartitionSpec|Sharding)"],
-    "flax": [r"(flax|nn)(\..*)?", r"(Module|TrainState)"],
-    "optax": [r"optax(\..*)?", r"(GradientTransformation|Schedule|OptState)"],
+    "python": ["(" + "|".join(sorted(sys.stdlib_module_names)) + r")(\..*)?"],
+    "numpy": [r"(numpy|np)(\..*)?"],
+    "jax": [r"(jax|jaxlib|jnp)(\..*)?"],
+    "flax": [r"(flax|nn)(\..*)?"],
+    "optax": [r"optax(\..*)?"],
 }
 nitpick_ignore_regex = [
     (r"py:.*", pattern)
@@ -135,9 +134,9 @@ nitpick_ignore_regex = [
     for pattern in patterns
 ]
 # Libraries the docs never link to (they publish no inventory, or none that is kept
-# stable): FAISS, orbax, tensorflow-datasets, PIL, matplotlib, openTSNE, scikit-learn.
+# stable): chex, FAISS, orbax, tensorflow-datasets, PIL, matplotlib, openTSNE, scikit-learn.
 nitpick_ignore_regex += [
-    (r"py:.*", r"(faiss|orbax|tensorflow_datasets|tfds|tf|PIL|matplotlib|openTSNE|"
+    (r"py:.*", r"(chex|faiss|orbax|tensorflow_datasets|tfds|tf|PIL|matplotlib|openTSNE|"
                r"sklearn|safetensors|torch)(\..*)?"),
 ]
 
