@@ -56,6 +56,8 @@ templates_path = ["_templates"]
 
 # Warnings are errors (-W) and every cross-reference must resolve.
 nitpicky = True
+# Text as written: "--no-augment" in a help text stays two hyphens, quotes stay straight.
+smartquotes = False
 
 # ---------------------------------------------------------------- Markdown (MyST)
 # GitHub-style anchors for the headings, so ``training.md#every-loss`` works both on

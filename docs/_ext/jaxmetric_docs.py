@@ -361,9 +361,12 @@ def flag_rows(parser: argparse.ArgumentParser) -> list[tuple[str, list[tuple[str
                     "default" not in text:
                 text = f"{text} (default: {action.default})" if text else \
                     f"default: {action.default}"
+            if value.startswith("{"):  # choices: room to wrap between them
+                value = value.replace(",", ", ")
             rows.append((flags, value, text))
         if rows:
-            groups.append((group.title, rows))
+            # argparse's group of the flags outside any group is "options"
+            groups.append((group.title if group.title != "options" else "general", rows))
     return groups
 
 
