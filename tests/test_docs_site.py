@@ -214,6 +214,64 @@ def check_flags_table(site: pathlib.Path) -> None:
         assert field.metadata["help"].split(";")[0][:40] in text, field.name
 
 
+# ------------------------------------------------- the site's Sphinx extension, alone
+
+
+@pytest.fixture(scope="module")
+def docs_ext():
+    """docs/_ext/jaxmetric_docs.py, the extension the site's conf.py loads."""
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        return importlib.import_module("jaxmetric_docs")
+    except ImportError as error:  # it needs Sphinx (docutils)
+        pytest.skip(f"the docs extra is not installed ({error.name})")
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+
+
+def test_references_become_a_list_only_when_they_hang(docs_ext):
+    hanging = ["Text.", "", "References:", "  Wah et al. 2011.", "  Song et al. Deep",
+               "    Embedding. CVPR 2016.", "", "Raises:", "  ValueError: never."]
+    docs_ext.references_as_list(hanging)
+    assert hanging[2:6] == ["References:", "  - Wah et al. 2011.", "  - Song et al. Deep",
+                            "    Embedding. CVPR 2016."]
+    assert hanging[-2:] == ["Raises:", "  ValueError: never."]
+    one = ["References:", "  A. Kak, C. Bouman, lecture slides; each", "  module names more."]
+    docs_ext.references_as_list(one)
+    assert one == ["References:", "  A. Kak, C. Bouman, lecture slides; each",
+                   "  module names more."]
+
+
+def test_imported_names_lead_to_where_they_are_defined(docs_ext):
+    aliases = docs_ext.name_aliases("jaxmetric")
+    resolve = docs_ext.resolve_alias
+    assert resolve("jaxmetric.losses.triplet_loss", aliases) == \
+        "jaxmetric.losses.triplet.triplet_loss"
+    assert resolve("jaxmetric.triplet_loss", aliases) == "jaxmetric.losses.triplet.triplet_loss"
+    assert resolve("jaxmetric.train.flags.TrainConfig.peak_lr", aliases) == \
+        "jaxmetric.train.config.TrainConfig.peak_lr"
+    assert resolve("jaxmetric.losses.no_such_loss", aliases) == "jaxmetric.losses.no_such_loss"
+    exported = docs_ext.reexported("jaxmetric")["jaxmetric.losses"]
+    assert "jaxmetric.losses.triplet.triplet_loss" in exported
+    assert "jaxmetric.losses.triplet.MINING_MODES" in exported
+
+
+def test_the_flags_rows_are_the_parsers(docs_ext):
+    import dataclasses
+
+    from experiments import cifar10
+    from jaxmetric.train.config import TrainConfig
+
+    groups = dict(docs_ext.flag_rows(cifar10.build_parser()))
+    training = next(rows for title, rows in groups.items() if title.startswith("training"))
+    flags = {row[0] for row in training}
+    for field in dataclasses.fields(TrainConfig):
+        assert any(f"--{field.name.replace('_', '-')}" in f for f in flags), field.name
+    loss = next(row for row in training if row[0] == "--loss")
+    assert "triplet" in loss[1] and "required" in loss[2]
+    assert not any("--help" in row[0] for rows in groups.values() for row in rows)
+
+
 # ----------------------------------------------------------------------- the browser
 
 

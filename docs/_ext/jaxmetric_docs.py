@@ -41,8 +41,9 @@ from docutils.parsers.rst import directives
 from sphinx import addnodes
 from sphinx.util.docutils import SphinxDirective
 
-__all__ = ["ArgparseFlags", "imported_names", "module_layout", "name_aliases", "public_modules",
-           "reexported", "references_as_list", "resolve_alias", "setup", "undocumented_constants"]
+__all__ = ["ArgparseFlags", "flag_rows", "imported_names", "module_layout", "name_aliases",
+           "public_modules", "reexported", "references_as_list", "resolve_alias", "setup",
+           "undocumented_constants"]
 
 # Files outside docs/ that Markdown pages link to, and the page of the site that shows
 # them (docs/changelog.md includes CHANGELOG.md).
