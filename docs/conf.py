@@ -149,5 +149,9 @@ html_static_path = [str(MATHJAX_STATIC)]
 html_theme_options = {
     "show_toc_level": 2,
     "navigation_with_keys": False,
+    # The sidebar shows the open branch only: rendering the whole tree (every API module)
+    # on every page was half of the build's time.
+    "collapse_navbar": True,
+    "max_navbar_depth": 4,
 }
 html_last_updated_fmt = None
