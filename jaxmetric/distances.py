@@ -19,7 +19,7 @@ direction is well defined. So every row is first divided by a power of two, its
 .. math::  s(x) = 2^{\lfloor \log_2 \max_k |x_k| \rfloor}, \qquad
            u = x / s, \quad 1 \le \max_k |u_k| < 2, \quad 1 \le \|u\|^2 < 4D,
 
-(:func:`_scale`, the exponent bits of :math:`\max_k |x_k|`: one max-abs reduction per
+(``_scale``, the exponent bits of :math:`\max_k |x_k|`: one max-abs reduction per
 row; capped at :math:`2^{126}`, so :math:`\max_k |u_k| < 4` and :math:`\|u\|^2 < 16D`
 for rows beyond 8.5e37). Dividing by a power of two is exact in floating point, and
 every later product, sum and square root is rounded exactly as it would be at scale 1
@@ -51,7 +51,7 @@ differentiating: the gradients are those of the plain formulas too.
   :math:`s^2` (``inf`` for :math:`s > 1.8e19`, and ``0 * inf = NaN`` on masked-out
   pairs). With :math:`p_{ij} = \frac{(a_i - b_j) \cdot (\dot a_i - \dot b_j)}{s_{ij}}
   = \rho_i\, u_i \cdot \dot a_i - \rho_i\, u_i \cdot \dot b_j
-    - \rho_j\, v_j \cdot \dot a_i + \rho_j\, v_j \cdot \dot b_j` (two more matrix
+  - \rho_j\, v_j \cdot \dot a_i + \rho_j\, v_j \cdot \dot b_j` (two more matrix
   products of the scaled rows with the tangents, the same count as autodiff of the
   plain formula):
 

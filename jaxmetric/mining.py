@@ -1,6 +1,6 @@
 r"""Triplet mining: one pure function per mode, applied anchor by anchor, no B×B×B tensor.
 
-**The strategy contract.** A mining mode is a function of *one* anchor's row,
+**The strategy contract.** A mining mode is a function of *one* anchor's row::
 
     strategy(d, pos, neg, *, margin) -> Mined(weights, num_selected, num_active)
 
@@ -25,7 +25,7 @@ float >= 0. It returns fixed-shape results whatever the labels:
 a time. :func:`jaxmetric.losses.triplet_loss` turns the result into
 ``sum(weights * d) + margin * num_active`` per anchor, so the loss is a weighted sum of
 the distance matrix and nothing is differentiated through a sort or an ``argmin``. A
-new mode is one function here with the :func:`_strategy` decorator (and one case in
+new mode is one function here with the ``_strategy`` decorator (and one case in
 the tests' Python-loop oracle); a callable with this signature can also be passed
 as ``triplet_loss(mining=...)`` directly.
 

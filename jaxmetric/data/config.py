@@ -152,6 +152,8 @@ class DataConfig:
                                  + ", ".join(chosen))
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (class lists as lists): a run's ``config.json``
+        holds it under ``"data"``."""
         d = dataclasses.asdict(self)
         for name in ("train_class_list", "test_class_list"):
             if d[name] is not None:

@@ -5,14 +5,14 @@ Each data set is split by class, as the deep-metric-learning literature evaluate
 retrieval is measured on the others, every image of a held-out class querying all the
 other held-out images (leave-one-out; no gallery):
 
-==========================  ==========================  ==========================
-tfds name                   training classes (images)   held-out classes (images)
-==========================  ==========================  ==========================
-``caltech_birds2011``       1-100 (5,864)               101-200 (5,924)
-``cars196``                 1-98 (8,054)                99-196 (8,131)
-``stanford_online_products``  ``Ebay_train``: 11,318    ``Ebay_test``: 11,316
-                            (59,551)                    (60,502)
-==========================  ==========================  ==========================
+============================  ==========================  ==========================
+tfds name                     training classes (images)   held-out classes (images)
+============================  ==========================  ==========================
+``caltech_birds2011``         1-100 (5,864)               101-200 (5,924)
+``cars196``                   1-98 (8,054)                99-196 (8,131)
+``stanford_online_products``  ``Ebay_train``: 11,318      ``Ebay_test``: 11,316
+                              (59,551)                    (60,502)
+============================  ==========================  ==========================
 
 tfds splits CUB-200-2011 and Cars196 for classification (every class in both halves),
 so their ``train`` and ``test`` splits are merged and cut by label (``label < 100``,

@@ -198,7 +198,8 @@ class Index:
 
     @property
     def threshold(self) -> float | None:
-        """The calibrated open-set distance threshold, if any (:meth:`calibrate`)."""
+        """The calibrated open-set distance threshold, if any (``python -m jaxmetric.search
+        calibrate`` sets it)."""
         t = self.metadata.get("threshold")
         return None if t is None else float(t["distance"])
 

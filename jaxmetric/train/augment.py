@@ -82,9 +82,10 @@ def sample_crop_flip(rng: jax.Array, batch: int, pad: int) -> tuple[jax.Array, j
     """The random draws of :func:`augment`.
 
     Returns:
-      offsets: int32 (batch, 2), the (row, column) of each crop's top-left corner in the
-        padded image, uniform in ``[0, 2 * pad]``.
-      flips: bool (batch,), True where the crop is mirrored left-right (probability 1/2).
+      ``(offsets, flips)``: ``offsets`` int32 (batch, 2), the (row, column) of each
+      crop's top-left corner in the padded image, uniform in ``[0, 2 * pad]``;
+      ``flips`` bool (batch,), True where the crop is mirrored left-right (probability
+      1/2).
     """
     if pad < 0:
         raise ValueError(f"pad must be >= 0, got {pad}")

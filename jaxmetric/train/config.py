@@ -389,6 +389,7 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, as a run's ``config.json`` holds them."""
         return dataclasses.asdict(self)
 
     @classmethod

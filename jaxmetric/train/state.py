@@ -102,6 +102,7 @@ class InputSpec:
         return cls((size, size, source.image_shape[-1]), mean, std, crop="resized")
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a JSON-ready dict (``shape``, ``mean``, ``std``, ``crop``)."""
         return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std),
                 "crop": self.crop}
 
