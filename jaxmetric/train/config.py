@@ -52,7 +52,8 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 
 DEFAULT_REDUCTION = "mean_nonzero"
-STEP_ARGUMENTS = frozenset({"valid", "axis_name", "ref_embeddings", "ref_labels", "ref_valid"})
+STEP_ARGUMENTS = frozenset({"valid", "axis_name", "ref_embeddings", "ref_labels", "ref_valid",
+                            "key"})
 """Keyword arguments the train step passes itself (never in ``loss_options``)."""
 CONFIG_ARGUMENTS = frozenset({"pos_margin", "power", "mining", "distance", "reduction",
                               "temperature"})
