@@ -97,7 +97,10 @@ One negative is drawn per (anchor, column) by inverse transform sampling: a unif
 *Keys.* Anchor :math:`a`'s uniforms come from ``fold_in(key, a)`` with :math:`a` its
 position in the global batch, so the draws of an anchor do not depend on which device
 holds it: ``N`` devices, each drawing for its own anchors against the all-gathered
-batch, draw exactly what one device draws on the concatenated batch with the same key.
+batch, draw what one device draws on the concatenated batch with the same key (the
+same uniforms against the same weights: only a last-bit difference in a device's
+distances, moving a boundary of the cumulative weights past a uniform, could change a
+draw).
 
 **The lecture's masks** (:func:`positive_mask`, :func:`negative_mask`,
 :func:`triplet_mask`). The boolean tables the selection starts from, built with

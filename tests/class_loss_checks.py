@@ -31,7 +31,9 @@ class Case(NamedTuple):
 def expand_centers(w, k):
     """(C, K, D) centers from (C, D) class vectors, the jnp twin of
     ``oracles_proxy.expand_centers`` (a fixed differentiable map: the checks written for
-    one vector per class then cover the losses with ``K`` per class)."""
+    one vector per class then cover the losses with ``K`` per class). Computed in
+    float32, so that bfloat16 vectors expand as the float64 oracle expands them."""
+    w = jnp.asarray(w).astype(jnp.float32)
     return jnp.stack([w + 0.6 * t * jnp.roll(w, t, axis=-1) for t in range(k)], axis=1)
 
 
