@@ -48,28 +48,25 @@ def test_matches_oracle_and_nonfinite_rule(grid, index):
                                    err_msg=name)
 
 
-@pytest.fixture(scope="module")
-def data_parallel():
-    return checks.run_data_parallel(CASES)
-
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_data_parallel_equals_single_device(data_parallel, index):
-    checks.check_data_parallel(data_parallel, index)
+def test_data_parallel_equals_single_device():
+    """One case of each loss (vmap over batches is in the grid above)."""
+    cases = [CASES[1], CASES[3]]
+    results = checks.run_data_parallel(cases)
+    for index in range(len(cases)):
+        checks.check_data_parallel(results, index)
 
 
 def test_finite_gradients_on_degenerate_batches():
-    checks.check_finite_gradients(CASES)
+    checks.check_finite_gradients([CASES[0], CASES[2]])
 
 
 @pytest.mark.parametrize("index", [0, 3], ids=[IDS[0], IDS[3]])
-def test_gradient_matches_oracle(index):
+def test_gradient_matches_oracle(index):  # central differences of the float64 loops
     checks.check_grad_matches_oracle(CASES[index])
 
 
 @pytest.mark.parametrize("index", [0, 2], ids=[IDS[0], IDS[2]])
-def test_vmap_and_bfloat16(index):
-    checks.check_vmap(CASES[index])
+def test_bfloat16(index):
     checks.check_bfloat16(CASES[index])
 
 
@@ -82,13 +79,13 @@ def test_memory_is_quadratic_at_4096(index):
 def test_smooth_ap_chunks_give_the_same_loss(monkeypatch):
     """Chunks of 3 anchors (with a remainder) and one chunk: the same loss and gradient."""
     rng = np.random.default_rng(50)
-    x, y = checks.unit(rng, 22, 6), rng.integers(0, 4, 22)
+    x, y = checks.unit(rng, 10, 4), rng.integers(0, 3, 10)
 
     def run():
         return jax.jit(jax.value_and_grad(lambda e: losses.smooth_ap_loss(e, y)[0]))(x)
 
     whole = run()
-    monkeypatch.setattr(smooth_ap, "CHUNK_ELEMENTS", 3 * 22 * 22)
+    monkeypatch.setattr(smooth_ap, "CHUNK_ELEMENTS", 3 * 10 * 10)
     chunked = run()
     np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
     np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-5, atol=1e-7)
@@ -110,25 +107,28 @@ def test_fastap_matches_pml():
     labels = rng.integers(0, 4, 24)
     for num_bins in (10, 4):
         want, want_grad = _torch_value_and_grad(pml.FastAPLoss(num_bins=num_bins), x, labels)
-        got, grad = jax.value_and_grad(
-            lambda e, n=num_bins: losses.fastap_loss(e, labels, num_bins=n)[0])(
+        got, grad = jax.jit(jax.value_and_grad(
+            lambda e, n=num_bins: losses.fastap_loss(e, labels, num_bins=n)[0]))(
             x.astype(np.float32))
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
         np.testing.assert_allclose(grad, want_grad, atol=2e-5 * np.abs(want_grad).max())
 
 
 def test_smooth_ap_matches_pml_with_the_anchor_included():
-    """PML's SmoothAPLoss wants equal class sizes and ranks the anchor as its own
-    positive: include_anchor=True."""
+    """PML's SmoothAPLoss ranks the anchor as its own positive: include_anchor=True.
+    It wants sorted labels with equal class sizes, and (PML 2.9) groups the rows into
+    blocks of the number of classes rather than of the class size, right only when the
+    two are equal: 5 classes of 5 rows here (4 classes of 5 rows differ: 0.491 there,
+    0.500 here, whose classes are the labels)."""
     pml = pytest.importorskip("pytorch_metric_learning.losses")
     rng = np.random.default_rng(52)
-    x = rng.normal(size=(20, 8)) * rng.uniform(0.5, 2.0, (20, 1))
-    labels = np.repeat(np.arange(5), 4)
+    x = rng.normal(size=(25, 8)) * rng.uniform(0.5, 2.0, (25, 1))
+    labels = np.repeat(np.arange(5), 5)
     for temperature in (0.01, 0.1):
         want, want_grad = _torch_value_and_grad(pml.SmoothAPLoss(temperature=temperature),
                                                 x, labels)
-        got, grad = jax.value_and_grad(lambda e, t=temperature: losses.smooth_ap_loss(
-            e, labels, temperature=t, include_anchor=True)[0])(x.astype(np.float32))
+        got, grad = jax.jit(jax.value_and_grad(lambda e, t=temperature: losses.smooth_ap_loss(
+            e, labels, temperature=t, include_anchor=True)[0]))(x.astype(np.float32))
         np.testing.assert_allclose(float(got), want, rtol=2e-5)
         np.testing.assert_allclose(grad, want_grad, atol=2e-4 * np.abs(want_grad).max())
 

@@ -83,12 +83,12 @@ class ClassBatch(NamedTuple):
 
 
 def check_class_vectors(vectors, dim: int, *, name: str = "proxies",
-                        min_classes: int = 1, centers: int = 1) -> jax.Array:
+                        min_classes: int = 1, centers: int | None = None) -> jax.Array:
     """``vectors`` as float32 ``(C, D)`` after checking its shape against the embedding
-    dimension ``dim`` and that ``C >= min_classes``; with ``centers=K``, ``(C*K, D)``
-    from ``(C, K, D)`` or ``(C*K, D)`` (module docstring)."""
+    dimension ``dim`` and that ``C >= min_classes``; with ``centers=K`` (an int, 1
+    included), ``(C*K, D)`` from ``(C, K, D)`` or ``(C*K, D)`` (module docstring)."""
     vectors = jnp.asarray(vectors)
-    if centers != 1:
+    if centers is not None:
         if vectors.ndim == 3 and vectors.shape[1] != centers:
             raise ValueError(f"{name} of shape (C, K, D) must hold K = centers = {centers} "
                              f"vectors per class; got shape {vectors.shape}")
@@ -105,9 +105,10 @@ def check_class_vectors(vectors, dim: int, *, name: str = "proxies",
         raise TypeError(f"{name} must be floating point; got dtype {vectors.dtype}")
     if vectors.shape[1] != dim:
         raise ValueError(f"{name} have dimension {vectors.shape[1]} but embeddings have {dim}")
-    if vectors.shape[0] < min_classes * centers:
+    k = 1 if centers is None else centers
+    if vectors.shape[0] < min_classes * k:
         raise ValueError(f"{name} must hold at least {min_classes} classes; "
-                         f"got {vectors.shape[0] // centers}")
+                         f"got {vectors.shape[0] // k}")
     return vectors.astype(jnp.float32)
 
 
@@ -139,7 +140,7 @@ def nan_if_out_of_range(labels, valid, num_classes: int, axis_name) -> jax.Array
 
 
 def gather(embeddings, labels, vectors, valid=None, axis_name=None, *,
-           name: str = "proxies", min_classes: int = 1, centers: int = 1,
+           name: str = "proxies", min_classes: int = 1, centers: int | None = None,
            pool=None) -> ClassBatch:
     """The :class:`ClassBatch` of the local rows against the class ``vectors`` (C, D).
 
@@ -152,21 +153,21 @@ def gather(embeddings, labels, vectors, valid=None, axis_name=None, *,
       name: what to call ``vectors`` in error messages.
       min_classes: the fewest classes that make the loss defined.
       centers: ``K``, the vectors per class (module docstring); ``vectors`` is then
-        ``(C, K, D)`` or ``(C*K, D)``.
+        ``(C, K, D)`` or ``(C*K, D)``. None: one per class, ``(C, D)``.
       pool: with ``centers``, ``(R, C, K)`` cosines to the centers ->
         ``(R, C)`` similarities to the classes.
     """
     b = batch_lib.gather(embeddings, labels, valid, axis_name, min_columns=1)
     vectors = check_class_vectors(vectors, b.anchors.shape[1], name=name,
                                   min_classes=min_classes, centers=centers)
-    num_classes = vectors.shape[0] // centers
+    num_classes = vectors.shape[0] // (1 if centers is None else centers)
     check_label_range(labels, valid, num_classes, name=name)
     nan = (b.nan_if_nonfinite + batch_lib.nan_if_nonfinite(vectors, None)  # replicated
            + nan_if_out_of_range(b.anchor_labels, b.anchor_valid, num_classes, axis_name))
     b = b._replace(nan_if_nonfinite=nan)
     cos = 1.0 - distances.cross_cosine_distances(b.anchors, vectors)
     if pool is not None:
-        cos = pool(cos.reshape(cos.shape[0], num_classes, centers))
+        cos = pool(cos.reshape(cos.shape[0], num_classes, -1))
     same = b.anchor_labels[:, None] == jnp.arange(num_classes, dtype=b.anchor_labels.dtype)
     valid_rows = b.anchor_valid[:, None]
     return ClassBatch(b, vectors, cos, same, same & valid_rows, ~same & valid_rows)

@@ -22,8 +22,10 @@ paper's and pytorch-metric-learning's.
 *The anchor itself.* The authors' code, and PML's ``SmoothAPLoss`` that follows it,
 also rank the anchor (similarity 1, so first) and count it as one of its own
 positives; ``include_anchor=True`` gives that form (then :math:`P_i` and :math:`A_i`
-contain :math:`i`). PML's loss also requires every class of the batch to have the same
-number of rows; this one takes any labels.
+contain :math:`i`). PML's loss also requires sorted labels with the same number of rows
+in every class (and, in version 2.9, groups the rows into blocks of the number of
+classes rather than of the class size, so it agrees with this one when the two are
+equal); this one takes any labels.
 
 *Memory.* Every anchor compares every pair of rows :math:`(p, j)`: ``R * B * B``
 sigmoids, a ``B x B x B`` tensor for the whole batch (4 GiB in float32 at B = 1024,
