@@ -84,21 +84,27 @@ def _oracle_on_draws(x, labels, beta, key, *, margin=0.2, nu=0.0, reduction="mea
     return sum(per_anchor) / max(sum(v > 0 for v in hinges), 1)
 
 
-@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum", "none"])
-def test_loss_is_the_sum_over_the_drawn_triplets(reduction):
+REDUCTIONS = ("mean_nonzero", "mean", "sum", "none")
+
+
+def test_loss_is_the_sum_over_the_drawn_triplets():
     rng = np.random.default_rng(70)
     x = checks.unit(rng, 16, 6)
     labels = rng.integers(0, 4, 16)
-    loss, info = losses.margin_loss(x, labels, BETA, sampling="distance_weighted", key=KEY,
-                                    nu=0.01, reduction=reduction)
-    want = _oracle_on_draws(x, labels, BETA, KEY, nu=0.01, reduction=reduction)
-    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
-    if reduction == "mean":
-        num_pos = sum(len(p) for _, _, p, _ in oracles.pair_rows(x, labels, None, None, "l2"))
-        assert float(info["num_triplets"]) == num_pos  # every anchor has a negative here
-    other, _ = losses.margin_loss(x, labels, BETA, sampling="distance_weighted",
-                                  key=jax.random.key(4), nu=0.01, reduction=reduction)
-    assert not np.allclose(other, loss)  # another key, other negatives
+
+    @jax.jit
+    def every_reduction(key):
+        return {r: losses.margin_loss(x, labels, BETA, sampling="distance_weighted", key=key,
+                                      nu=0.01, reduction=r) for r in REDUCTIONS}
+
+    results, others = every_reduction(KEY), every_reduction(jax.random.key(4))
+    for r in REDUCTIONS:
+        loss, info = results[r]
+        want = _oracle_on_draws(x, labels, BETA, KEY, nu=0.01, reduction=r)
+        np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6, err_msg=r)
+        assert not np.allclose(others[r][0], loss), r  # another key, other negatives
+    num_pos = sum(len(p) for _, _, p, _ in oracles.pair_rows(x, labels, None, None, "l2"))
+    assert float(results["mean"][1]["num_triplets"]) == num_pos  # every anchor drew one
 
 
 def test_draws_do_not_depend_on_the_devices():
@@ -118,18 +124,18 @@ def test_gradients_finite_and_padding_ignored():
     bad = x.copy()
     bad[4] = np.nan
 
-    def f(e):
-        return losses.margin_loss(e, labels, 1.2, sampling="distance_weighted", key=KEY,
-                                  valid=valid)[0]
+    @jax.jit
+    def f(e, valid):
+        return jax.value_and_grad(lambda e: losses.margin_loss(
+            e, labels, 1.2, sampling="distance_weighted", key=KEY, valid=valid)[0])(e)
 
-    clean, garbage = jax.jit(jax.value_and_grad(f))(x), jax.jit(jax.value_and_grad(f))(bad)
+    clean, garbage = f(x, valid), f(bad, valid)
     np.testing.assert_array_equal(clean[0], garbage[0])
     np.testing.assert_array_equal(clean[1], garbage[1])
     assert np.isfinite(clean[1]).all()
     same = np.tile(x[:1], (12, 1))  # all distances zero: clipped at the cutoff
-    g = jax.grad(lambda e: losses.margin_loss(e, labels, 1.2, sampling="distance_weighted",
-                                              key=KEY)[0])(same)
-    assert np.isfinite(np.asarray(g)).all()
+    loss, g = f(same, np.ones(12, bool))
+    assert np.isfinite(float(loss)) and np.isfinite(np.asarray(g)).all()
 
 
 def test_bad_arguments():

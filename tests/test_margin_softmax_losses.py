@@ -220,7 +220,8 @@ def test_subcenter_arcface_matches_pml_with_threshold():
     ref = (float(loss.detach()), e.grad.numpy(), pml_loss.W.grad.numpy().T)
     fn = lambda e, w: losses.subcenter_arcface_loss(  # noqa: E731
         e, labels, w, centers=k, margin=0.5, scale=16.0, large_angle="threshold")[0]
-    value, grads = jax.value_and_grad(fn, (0, 1))(x.astype(np.float32), w.astype(np.float32))
+    value, grads = jax.jit(jax.value_and_grad(fn, (0, 1)))(x.astype(np.float32),
+                                                           w.astype(np.float32))
     _assert_same(ref, (float(value), *map(np.asarray, grads)))
     # The (C, K, D) layout is the same loss.
     same, _ = losses.subcenter_arcface_loss(x, labels, w.reshape(c, k, d), centers=k,

@@ -84,8 +84,8 @@ def test_matches_pml():
         e = torch.tensor(x, requires_grad=True)
         want = pml.SignalToNoiseRatioContrastiveLoss(**pml_kw)(e, torch.tensor(labels))
         want.backward()
-        got, grad = jax.value_and_grad(
-            lambda e, kw=kw: losses.snr_contrastive_loss(e, labels, **kw)[0])(
+        got, grad = jax.jit(jax.value_and_grad(
+            lambda e, kw=kw: losses.snr_contrastive_loss(e, labels, **kw)[0]))(
             x.astype(np.float32))
         np.testing.assert_allclose(float(got), float(want.detach()), rtol=1e-5)
         g = e.grad.numpy()

@@ -29,8 +29,6 @@ CASES = [
     Case("soft_triple-K3", soft_triple_3d, oracles.soft_triple, dict(centers=3)),
     Case("soft_triple-K2-flat-tau0.2-none", soft_triple_flat, oracles.soft_triple,
          dict(centers=2, tau=0.2, la=10.0, gamma=0.5, margin=0.1, reduction="none")),
-    Case("soft_triple-K1-sum", soft_triple_3d, oracles.soft_triple,
-         dict(centers=1, tau=1.0, reduction="sum")),
 ]
 
 
@@ -77,12 +75,30 @@ def test_matches_pml():
     e = torch.tensor(x, requires_grad=True)
     loss = pml_loss(e, torch.tensor(labels))
     loss.backward()
-    value, (gx, gw) = jax.value_and_grad(
-        lambda e, w: losses.soft_triple_loss(e, labels, w)[0], (0, 1))(
+    value, (gx, gw) = jax.jit(jax.value_and_grad(
+        lambda e, w: losses.soft_triple_loss(e, labels, w)[0], (0, 1)))(
         x.astype(np.float32), w.astype(np.float32))
     np.testing.assert_allclose(float(value), float(loss.detach()), rtol=1e-5)
     for got, want in ((gx, e.grad.numpy()), (gw, pml_loss.fc.grad.numpy().T)):
         np.testing.assert_allclose(np.asarray(got), want, atol=2e-5 * np.abs(want).max())
+
+
+def test_one_center_is_cosface():
+    """K = 1: the soft maximum is the cosine and R = 0, so SoftTriple is CosFace with
+    scale lambda and margin delta, for a (C, 1, D) or a (C, D) array, whatever tau."""
+    rng = np.random.default_rng(46)
+    x, w, y = checks.unit(rng, 8), rng.normal(size=(4, checks.D)), rng.integers(0, 4, 8)
+
+    @jax.jit
+    def both(x, w):
+        return (losses.soft_triple_loss(x, y, w[:, None], centers=1, tau=1.0, la=10.0,
+                                        margin=0.2, reduction="sum")[0],
+                losses.soft_triple_loss(x, y, w, centers=1, la=10.0, margin=0.2,
+                                        reduction="sum")[0],
+                losses.cosface_loss(x, y, w, scale=10.0, margin=0.2, reduction="sum")[0])
+
+    a, b, c = both(x, w)
+    np.testing.assert_allclose([a, b], [c, c], rtol=1e-6)
 
 
 def test_regulariser_merges_close_centers():
