@@ -84,7 +84,6 @@ def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
     ("triplet", {"mining": "semihard"}),
     ("contrastive", {"xbm_size": 24, "xbm_start_epochs": 0.0}),  # the memory's term too
     ("proxy_anchor", {"loss_lr_multiplier": 2.0}),  # learned proxies, their own optimizer
-    ("margin", {"loss_options": "sampling=distance_weighted"}),  # the step's loss key
 ])
 def test_eight_devices_equal_one_device(tmp_path, loss, extra):
     config = tiny_config(tmp_path, loss=loss, lr=0.5, warmup_epochs=0.0, **extra)
