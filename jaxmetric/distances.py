@@ -97,6 +97,8 @@ __all__ = [
     "pairwise_squared_distances",
     "pairwise_euclidean_distances",
     "pairwise_cosine_distances",
+    "cross_snr_distances",
+    "SNR_VAR_EPS",
     "safe_sqrt",
 ]
 
@@ -296,6 +298,37 @@ def pairwise_euclidean_distances(x: ArrayLike) -> jax.Array:
 def pairwise_cosine_distances(x: ArrayLike) -> jax.Array:
     """Cosine distance matrix ``1 - cos`` of a (B, D) batch: float32 (B, B)."""
     return _zero_diagonal(cross_cosine_distances(x, x))
+
+
+SNR_VAR_EPS = 1e-12
+"""Floor on the anchor's variance in :func:`cross_snr_distances` (a constant row)."""
+
+
+def cross_snr_distances(a: ArrayLike, b: ArrayLike) -> jax.Array:
+    r"""Signal-to-noise ratio distances of Yuan et al. 2019 (float32, (N, M)).
+
+    The anchor :math:`a_i` is the signal and the difference :math:`b_j - a_i` the
+    noise; the distance is the inverse of their signal-to-noise ratio,
+
+    .. math::  d_{ij} = rac{\operatorname{var}(b_j - a_i)}{\operatorname{var}(a_i)}
+               = rac{\|ar a_i - ar b_j\|^2}{\max(\|ar a_i\|^2, \epsilon)},
+
+    with :math:`\operatorname{var}(v) = rac{1}{D}\sum_k (v_k - \mu(v))^2` over the
+    entries of a vector and :math:`ar v = v - \mu(v)` the row minus its mean (the
+    :math:`1/D` cancels). Like pytorch-metric-learning's ``SNRDistance`` (with its
+    default ``normalize_embeddings=True``), the rows are L2-normalised first
+    (:func:`l2_normalize`), so the distance depends on directions only and is right for
+    rows of any finite norm; it is not symmetric (the anchor's variance divides). The
+    numerator is :func:`cross_squared_distances` of the centred rows (zero gradient at
+    zero distance). :math:`\epsilon` = :data:`SNR_VAR_EPS` keeps a constant row (zero
+    variance, e.g. a zeroed padded row) finite, with finite gradients.
+    """
+    a = l2_normalize(_as_matrix(a, "a"))
+    b = l2_normalize(_as_matrix(b, "b"))
+    a = a - jnp.mean(a, axis=1, keepdims=True)
+    b = b - jnp.mean(b, axis=1, keepdims=True)
+    var_a = jnp.maximum(jnp.sum(a * a, axis=1), SNR_VAR_EPS)
+    return cross_squared_distances(a, b) / var_a[:, None]
 
 
 DistanceFn = Callable[[jax.Array, jax.Array], jax.Array]

@@ -71,6 +71,37 @@ NaN-aware float sort, and this limits a row to 65,536 entries.
 entries tie for a ``min`` or ``max``, the weight is shared equally among them (the
 gradient ``jnp.min`` / ``jnp.max`` would give).
 
+**Distance-weighted sampling** (:func:`distance_weighted_negatives`; Wu et al. 2017,
+"Sampling Matters in Deep Embedding Learning"). On the unit sphere in :math:`D`
+dimensions the distances of random pairs follow
+
+.. math::  q(d) \propto d^{D-2} \bigl(1 - \tfrac{d^2}{4}\bigr)^{\frac{D-3}{2}},
+
+concentrated near :math:`\sqrt 2`, so uniformly drawn negatives are almost all at that
+distance. Drawing negative :math:`n` of anchor :math:`a` with probability
+:math:`\propto 1 / q(d_{an})` spreads the draws over all distances instead; the paper
+clips :math:`d` below at a ``cutoff`` (0.5: the weights would explode near 0) and gives
+weight 0 to negatives at :math:`d \ge` ``nonzero_loss_cutoff`` (1.4), whose margin-loss
+term is zero anyway. In logs, stably,
+
+.. math::  \log w_{an} = (2 - D) \log \bar d_{an}
+           - \tfrac{D - 3}{2} \log\bigl(1 - \tfrac{\bar d_{an}^2}{4}\bigr),
+           \qquad \bar d = \max(d, \mathrm{cutoff}),
+
+minus each row's maximum (an anchor's probabilities do not change), ``-inf`` (weight 0)
+at :math:`\bar d \ge 2` (antipodal rows, where :math:`q = 0`) and beyond the nonzero-loss
+cutoff; these are the weights of pytorch-metric-learning's ``DistanceWeightedMiner``.
+One negative is drawn per (anchor, column) by inverse transform sampling: a uniform
+:math:`u` times the row's total weight, looked up in the row's cumulative weights
+(``searchsorted``): :math:`O(B \log B)` per anchor, no :math:`B^3` Gumbel noise.
+*Keys.* Anchor :math:`a`'s uniforms come from ``fold_in(key, a)`` with :math:`a` its
+position in the global batch, so the draws of an anchor do not depend on which device
+holds it: ``N`` devices, each drawing for its own anchors against the all-gathered
+batch, draw what one device draws on the concatenated batch with the same key (the
+same uniforms against the same weights: only a last-bit difference in a device's
+distances, moving a boundary of the cumulative weights past a uniform, could change a
+draw).
+
 **The lecture's masks** (:func:`positive_mask`, :func:`negative_mask`,
 :func:`triplet_mask`). The boolean tables the selection starts from, built with
 broadcasting and no Python loops as in the lecture (Kak & Bouman, section 4): compare
@@ -94,6 +125,9 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "DWS_CUTOFF",
+    "DWS_NONZERO_LOSS_CUTOFF",
+    "distance_weighted_negatives",
     "negative_mask",
     "positive_mask",
     "triplet_mask",
@@ -357,6 +391,60 @@ def mine(strategy: Strategy, d: jax.Array, pos: jax.Array, neg: jax.Array, *,
     chex.assert_shape([num_selected, num_active], (rows,),
                       custom_message="mining counts must be scalars per anchor")
     return Mined(*(jax.lax.stop_gradient(jnp.asarray(x).astype(jnp.float32)) for x in out))
+
+
+# ------------------------------------------------------- distance-weighted sampling
+
+DWS_CUTOFF = 0.5
+"""Distance-weighted sampling: distances are clipped below at this (Wu et al. 2017)."""
+DWS_NONZERO_LOSS_CUTOFF = 1.4
+"""Distance-weighted sampling: negatives this far or farther are never drawn."""
+
+
+def distance_weighted_negatives(key: jax.Array, d: jax.Array, neg: jax.Array,
+                                anchor_index: jax.Array, *, dim: int,
+                                cutoff: float = DWS_CUTOFF,
+                                nonzero_loss_cutoff: float = DWS_NONZERO_LOSS_CUTOFF):
+    r"""One negative per (anchor, column), drawn with probability :math:`\propto 1 / q(d)`
+    (module docstring: distance-weighted sampling).
+
+    Args:
+      key: PRNG key of this draw (the same on every device).
+      d: float32 (R, C) Euclidean distances of the L2-normalised anchors to the
+        columns, in [0, 2] (used without gradient).
+      neg: bool (R, C) the anchors' negatives (the only columns drawn).
+      anchor_index: int32 (R,) each anchor's position in the global batch: anchor
+        ``a`` draws with ``fold_in(key, a)``.
+      dim: ``D``, the embedding dimension (of the sphere the rows lie on).
+      cutoff, nonzero_loss_cutoff: the paper's clipping (module docstring).
+
+    Returns:
+      ``(index, has_negative)``: int32 (R, C), for every column ``j`` the column of the
+      negative drawn for the pair (anchor, ``j``) (used for the positive columns; each
+      draw independent), and bool (R,), whether the anchor has any negative of non-zero
+      weight (if not, ``index`` is meaningless).
+    """
+    d = jax.lax.stop_gradient(jnp.asarray(d, jnp.float32))
+    clipped = jnp.maximum(d, cutoff)
+    inside = clipped < 2.0
+    one_minus = jnp.where(inside, 1.0 - 0.25 * clipped * clipped, 1.0)
+    log_w = (2.0 - dim) * jnp.log(clipped) - 0.5 * (dim - 3.0) * jnp.log(one_minus)
+    eligible = neg & inside & (d < nonzero_loss_cutoff)
+    log_w = jnp.where(eligible, log_w, -jnp.inf)
+    top = jnp.max(log_w, axis=1, keepdims=True, initial=-jnp.inf)
+    has = jnp.isfinite(top[:, 0])
+    w = jnp.where(eligible, jnp.exp(log_w - jnp.where(has[:, None], top, 0.0)), 0.0)
+    cdf = jnp.cumsum(w, axis=1)
+    cols = d.shape[1]
+    last = jnp.max(jnp.where(eligible, jnp.arange(cols, dtype=jnp.int32), 0), axis=1)
+
+    def draw(a, cdf_row, last_row):
+        u = jax.random.uniform(jax.random.fold_in(key, a), (cols,), jnp.float32)
+        idx = jnp.searchsorted(cdf_row, u * cdf_row[-1], side="right")
+        return jnp.minimum(idx, last_row).astype(jnp.int32)
+
+    index = jax.vmap(draw)(jnp.asarray(anchor_index, jnp.int32), cdf, last)
+    return index, has
 
 
 # ------------------------------------------------------------- the lecture's masks

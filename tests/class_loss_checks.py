@@ -28,6 +28,15 @@ class Case(NamedTuple):
     kw: dict
 
 
+def expand_centers(w, k):
+    """(C, K, D) centers from (C, D) class vectors, the jnp twin of
+    ``oracles_proxy.expand_centers`` (a fixed differentiable map: the checks written for
+    one vector per class then cover the losses with ``K`` per class). Computed in
+    float32, so that bfloat16 vectors expand as the float64 oracle expands them."""
+    w = jnp.asarray(w).astype(jnp.float32)
+    return jnp.stack([w + 0.6 * t * jnp.roll(w, t, axis=-1) for t in range(k)], axis=1)
+
+
 def unit(rng, n, d=D):
     x = rng.normal(size=(n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)

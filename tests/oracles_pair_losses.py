@@ -20,7 +20,9 @@ import numpy as np
 def pair_rows(x, labels, valid, ref, metric):
     """Per anchor: (is valid anchor, values to every column, positives, negatives).
 
-    ``metric``: "cosine_similarity", "l2", "squared_l2" or "cosine" (1 - cos).
+    ``metric``: "cosine_similarity", "l2", "squared_l2", "cosine" (1 - cos),
+    "unit_squared" (2 - 2 cos, the squared distance of the normalised rows) or "snr"
+    (var(x_j - x_i) / var(x_i) of the normalised rows, Yuan et al. 2019).
     """
     x = np.asarray(x, np.float64)
     ok = np.ones(len(x), bool) if valid is None else np.asarray(valid, bool)
@@ -37,10 +39,13 @@ def pair_rows(x, labels, valid, ref, metric):
         for j in range(len(cols)):
             if not (ok[i] and col_ok[j]):
                 continue
-            if metric in ("cosine_similarity", "cosine"):
+            if metric in ("cosine_similarity", "cosine", "unit_squared"):
                 norms = np.linalg.norm(x[i]) * np.linalg.norm(cols[j])
                 cos = float(x[i] @ cols[j]) / norms if norms > 0 else 0.0
-                values[j] = cos if metric == "cosine_similarity" else 1.0 - cos
+                values[j] = {"cosine_similarity": cos, "cosine": 1.0 - cos,
+                             "unit_squared": 2.0 - 2.0 * cos}[metric]
+            elif metric == "snr":
+                values[j] = snr_distance(x[i], cols[j])
             else:
                 sq = float((x[i] - cols[j]) @ (x[i] - cols[j]))
                 values[j] = math.sqrt(sq) if metric == "l2" else sq
@@ -50,6 +55,17 @@ def pair_rows(x, labels, valid, ref, metric):
                      and col_labels[j] != labels[i]]
         out.append((bool(ok[i]), values, positives, negatives))
     return out
+
+
+def snr_distance(a, b) -> float:
+    """var(b - a) / var(a) of the L2-normalised vectors (a zero vector stays zero; the
+    anchor's variance floored at 1e-12, as in jaxmetric.distances)."""
+    def unit(v):
+        v = np.asarray(v, np.float64)
+        n = np.linalg.norm(v)
+        return v / n if n > 0 else v
+    a, b = unit(a), unit(b)
+    return float(np.var(b - a) * len(a) / max(np.var(a) * len(a), 1e-12))
 
 
 def _reduce(terms, reduction):
@@ -207,3 +223,77 @@ def margin(x, labels, beta, *, margin=0.2, nu=0.0, pairs="all", distance="l2",
         return total, n, active
     divisor = n if reduction == "mean" else active
     return total / max(divisor, 1), n, active
+
+
+# ------------------------------------------------------------------- SNR, ranking
+
+
+def snr_contrastive(x, labels, *, margin=1.0, pos_margin=0.0, power=1,
+                    reduction="mean_nonzero", valid=None, ref=None):
+    """Yuan et al. 2019 / PML's SignalToNoiseRatioContrastiveLoss: the contrastive loss
+    of every ordered pair on SNR distances; "mean_nonzero" per group (positive pairs,
+    negative pairs), added."""
+    pos_terms, neg_terms = [], []
+    for _, dist, positives, negatives in pair_rows(x, labels, valid, ref, "snr"):
+        pos_terms.append([max(dist[p] - pos_margin, 0.0) ** power for p in positives])
+        neg_terms.append([max(margin - dist[n], 0.0) ** power for n in negatives])
+    if reduction != "mean_nonzero":
+        return _reduce([p + n for p, n in zip(pos_terms, neg_terms, strict=True)], reduction)
+    loss, num, active = 0.0, 0, 0
+    for group in (pos_terms, neg_terms):
+        flat = [v for t in group for v in t]
+        nonzero = [v for v in flat if v != 0]
+        loss += sum(nonzero) / len(nonzero) if nonzero else 0.0
+        num, active = num + len(flat), active + len(nonzero)
+    return loss, num, active
+
+
+def fastap(x, labels, *, num_bins=10, reduction="mean", valid=None):
+    """Cakir et al. 2019, Eq. (8), with PML's bins: centers l * 4 / L, triangular
+    pulses of half-width 4 / L, on the squared distances of the normalised rows."""
+    delta = 4.0 / num_bins
+    terms = []
+    for ok, dist, positives, negatives in pair_rows(x, labels, valid, None, "unit_squared"):
+        if not (ok and positives):
+            terms.append([])
+            continue
+        h_pos = [sum(max(0.0, 1 - abs(dist[j] - k * delta) / delta) for j in positives)
+                 for k in range(num_bins + 1)]
+        h_neg = [sum(max(0.0, 1 - abs(dist[j] - k * delta) / delta) for j in negatives)
+                 for k in range(num_bins + 1)]
+        ap = 0.0
+        for k in range(num_bins + 1):  # bin k: its center k * delta
+            big_h_pos, big_h = sum(h_pos[: k + 1]), sum(h_pos[: k + 1]) + sum(h_neg[: k + 1])
+            if big_h > 0:
+                ap += h_pos[k] * big_h_pos / big_h
+        terms.append([1.0 - ap / len(positives)])
+    return _reduce(terms, reduction)
+
+
+def smooth_ap(x, labels, *, temperature=0.01, include_anchor=False, reduction="mean",
+              valid=None):
+    """Brown et al. 2020, Eq. (12): each positive's sigmoid-smoothed rank among the
+    positives over its rank among all rows; ``include_anchor``: the anchor is ranked
+    and counted as a positive (the authors' code, PML)."""
+    def g(u):
+        return 1.0 / (1.0 + math.exp(-u / temperature))
+
+    terms = []
+    for i, (ok, sim, positives, negatives) in enumerate(
+            pair_rows(x, labels, valid, None, "cosine_similarity")):
+        if not (ok and positives):
+            terms.append([])
+            continue
+        if include_anchor:
+            sim = sim.copy()
+            norm = np.linalg.norm(x[i])
+            sim[i] = 1.0 if norm > 0 else 0.0
+            positives = positives + [i]
+        ranked = positives + negatives
+        ap = 0.0
+        for p in positives:
+            rank_pos = 1.0 + sum(g(sim[j] - sim[p]) for j in positives if j != p)
+            rank_all = 1.0 + sum(g(sim[j] - sim[p]) for j in ranked if j != p)
+            ap += rank_pos / rank_all
+        terms.append([1.0 - ap / len(positives)])
+    return _reduce(terms, reduction)

@@ -129,3 +129,94 @@ def cosface(x, labels, weights, *, margin=0.35, scale=64.0, reduction="mean", va
     """Wang et al. 2018, Eq. (4): cos(theta) - m for the own class."""
     return _margin_softmax(x, labels, weights, lambda cos: cos - margin, scale, reduction,
                            valid)
+
+
+def normalized_softmax(x, labels, weights, *, temperature=0.05, reduction="mean",
+                       valid=None):
+    """Zhai & Wu 2019: the softmax of cos / T, no margin."""
+    return _margin_softmax(x, labels, weights, lambda cos: cos, 1.0 / temperature,
+                           reduction, valid)
+
+
+# ------------------------------------------------------- several vectors per class
+
+
+def expand_centers(w, k):
+    """(C, K, D) float64 centers made from (C, D) class vectors: center 0 is the
+    vector itself, center t > 0 the vector plus 0.6 t times itself rolled by t (a
+    fixed, differentiable map, so the class-vector checks cover sub-centers)."""
+    w = np.asarray(w, np.float64)
+    return np.stack([w + 0.6 * t * np.roll(w, t, axis=-1) for t in range(k)], axis=1)
+
+
+def _pooled_softmax(x, labels, centers, pool, own_logit, scale, reduction, valid,
+                    extra=0.0):
+    """Cross-entropy of ``scale`` times the pooled class similarities, the own class's
+    replaced by ``own_logit(S_own)``; every row's term plus ``extra``. Counts on the
+    pooled similarities."""
+    rows = _rows(labels, valid)
+    c = len(centers)
+    sims = {i: [pool([cosine(x[i], centers[k][t]) for t in range(len(centers[k]))])
+                for k in range(c)] for i in rows}
+    per_row, active = {}, {}
+    for i in rows:
+        s = sims[i]
+        own = own_logit(s[labels[i]])
+        others = [math.exp(scale * s[k]) for k in range(c) if k != labels[i]]
+        per_row[i] = -math.log(math.exp(scale * own) / (math.exp(scale * own) + sum(others)))
+        per_row[i] += extra
+        active[i] = c > 1 and own <= max(s[k] for k in range(c) if k != labels[i])
+    pos = [1.0 - sims[i][labels[i]] for i in rows]
+    neg = [1.0 - sims[i][k] for i in rows for k in range(c) if k != labels[i]]
+    counts = {
+        "num_pos_pairs": len(pos),
+        "num_neg_pairs": len(neg),
+        "mean_pos_distance": sum(pos) / len(pos) if pos else 0.0,
+        "mean_neg_distance": sum(neg) / len(neg) if neg else 0.0,
+        "num_rows": len(rows),
+        "num_active_rows": sum(active[i] for i in rows),
+    }
+    full = np.zeros(len(labels))
+    full[rows] = [per_row[i] for i in rows]
+    total = float(full.sum())
+    if reduction == "none":
+        return full, full, counts
+    if reduction == "sum":
+        return total, full, counts
+    return (total / len(rows) if rows else 0.0), full, counts
+
+
+def subcenter_arcface(x, labels, weights, *, centers=3, margin=0.5, scale=64.0,
+                      large_angle="plain", reduction="mean", valid=None):
+    """Deng et al. 2020: ArcFace on the largest cosine over a class's sub-centers;
+    ``weights`` (C, D) are expanded by :func:`expand_centers`."""
+    def psi(cos):
+        theta = math.acos(min(max(cos, -1.0), 1.0))
+        if large_angle == "threshold" and theta > math.pi - margin:
+            return cos - margin * math.sin(margin)
+        if large_angle == "easy" and cos <= 0:
+            return cos
+        return math.cos(theta + margin)
+    return _pooled_softmax(x, labels, expand_centers(weights, centers), max, psi, scale,
+                           reduction, valid)
+
+
+def soft_triple(x, labels, weights, *, centers=10, la=20.0, gamma=0.1, margin=0.01,
+                tau=0.0, reduction="mean", valid=None):
+    """Qian et al. 2019, Eqs. (7)-(10): the soft maximum over a class's centers, a
+    margin on the own class, and the regulariser of the centers' distances."""
+    w = expand_centers(weights, centers)
+
+    def soft_max(s):
+        e = [math.exp(v / gamma) for v in s]
+        return sum(ei * v for ei, v in zip(e, s, strict=True)) / sum(e)
+
+    reg = 0.0
+    if centers > 1:
+        for c in range(len(w)):
+            for t in range(centers):
+                for u in range(t + 1, centers):
+                    reg += math.sqrt(2.0 + 1e-5 - 2.0 * cosine(w[c][t], w[c][u]))
+        reg /= len(w) * centers * (centers - 1)
+    return _pooled_softmax(x, labels, w, soft_max, lambda s: s - margin, la, reduction,
+                           valid, extra=tau * reg)

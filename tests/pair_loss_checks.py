@@ -92,7 +92,7 @@ def nonfinite_batches(x):
     return out
 
 
-def run_grid(cases, seed=11):
+def run_grid(cases, seed=11, reductions=REDUCTIONS):
     """Every case and reduction on the grid batches, then the non-finite batches (valid,
     then with the bad row padded); one jit. ``results[case][reduction] = (loss, info)``
     stacked over batches."""
@@ -106,7 +106,7 @@ def run_grid(cases, seed=11):
     vs[len(grid) + len(bad):, NONFINITE_ROW] = False
 
     def everything(e, y, v):
-        return [{r: c.loss(e, y, valid=v, reduction=r) for r in REDUCTIONS} for c in cases]
+        return [{r: c.loss(e, y, valid=v, reduction=r) for r in reductions} for c in cases]
 
     results = jax.jit(jax.vmap(everything))(
         np.stack(xs).astype(np.float32), np.stack(ys).astype(np.int32), vs)
@@ -121,15 +121,19 @@ def pair_distance_means(x, labels, valid, metric):
     return (np.mean(pos) if pos else 0.0), (np.mean(neg) if neg else 0.0)
 
 
-def check_matches_oracle(grid, index, case, reduction):
-    """Loss, per-anchor counts ("none") and the mean distances against the oracle."""
+def check_matches_oracle(grid, index, case, reduction, *, exact_active=True):
+    """Loss, per-anchor counts ("none") and the mean distances against the oracle;
+    ``exact_active=False``: the number of active terms per anchor is not compared (for
+    terms that are 0 in exact arithmetic, like 1 - AP of a perfect ranking, but a
+    round-off away from it in float32 or float64)."""
     loss, info = grid["results"][index][reduction]
     for i, (x, labels, valid, name) in enumerate(grid["grid"]):
         ref, n_terms, n_active = case.reference(x, labels, valid=valid, reduction=reduction)
         np.testing.assert_allclose(loss[i], ref, rtol=3e-4, atol=3e-5, err_msg=name)
         if reduction == "none":
             np.testing.assert_array_equal(info["anchor_num_selected"][i], n_terms, name)
-            np.testing.assert_array_equal(info["anchor_num_active"][i], n_active, name)
+            if exact_active:
+                np.testing.assert_array_equal(info["anchor_num_active"][i], n_active, name)
         pos_mean, neg_mean = pair_distance_means(x, labels, valid, case.metric)
         np.testing.assert_allclose(info["mean_pos_distance"][i], pos_mean, rtol=1e-4,
                                    atol=1e-5, err_msg=name)
@@ -140,14 +144,14 @@ def check_matches_oracle(grid, index, case, reduction):
         assert 0.0 <= float(info["active_fraction"][i]) <= 1.0, name
 
 
-def check_nonfinite(grid, index, case):
+def check_nonfinite(grid, index, case, reductions=REDUCTIONS):
     """NaN / inf in a valid row: NaN loss and NaN info but the exact counts; the same
     garbage in a padded row: the loss of the batch without that row."""
     names = grid["nonfinite"]
     n = len(names)
     start = len(grid["grid"])
     keep = np.arange(B) != NONFINITE_ROW
-    for r in REDUCTIONS:
+    for r in reductions:
         loss, info = jax.tree.map(lambda v: np.asarray(v[start:]), grid["results"][index][r])
         assert np.isfinite(loss[0]).all(), r
         for i in range(1, n):

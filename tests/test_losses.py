@@ -159,7 +159,7 @@ def test_docstring_examples():
     """The ``>>>`` examples of the losses' docstrings run and print what they show."""
     attempted = 0
     for name in ("contrastive", "triplet", "softmax", "weighted_pair", "margin", "proxy",
-                 "margin_softmax", "registry"):
+                 "margin_softmax", "soft_triple", "fastap", "smooth_ap", "registry"):
         module = importlib.import_module(f"jaxmetric.losses.{name}")
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0, (name, result)

@@ -1,5 +1,6 @@
-"""ArcFace and CosFace (jaxmetric.losses.margin_softmax) against float64 loop oracles
-written from the papers, pytorch-metric-learning, and the contract of every loss."""
+"""ArcFace, CosFace, Normalized Softmax and Sub-center ArcFace
+(jaxmetric.losses.margin_softmax) against float64 loop oracles written from the papers,
+pytorch-metric-learning, and the contract of every loss."""
 
 import doctest
 import math
@@ -16,6 +17,17 @@ import class_loss_checks as checks
 import oracles_proxy as oracles
 from class_loss_checks import Case
 
+
+def subcenter_3d(x, y, w, *, centers=3, **kw):
+    return losses.subcenter_arcface_loss(x, y, checks.expand_centers(w, centers), centers=centers,
+                                         **kw)
+
+
+def subcenter_flat(x, y, w, *, centers=3, **kw):
+    flat = checks.expand_centers(w, centers).reshape(-1, w.shape[-1])  # (C*K, D), PML's layout
+    return losses.subcenter_arcface_loss(x, y, flat, centers=centers, **kw)
+
+
 CASES = [
     Case("arcface", losses.arcface_loss, oracles.arcface, {}),
     Case("arcface-threshold-m0.9-s16", losses.arcface_loss, oracles.arcface,
@@ -25,6 +37,11 @@ CASES = [
     Case("cosface", losses.cosface_loss, oracles.cosface, {}),
     Case("cosface-m0.1-s4-sum", losses.cosface_loss, oracles.cosface,
          dict(margin=0.1, scale=4.0, reduction="sum")),
+    Case("normalized_softmax-T0.5", losses.normalized_softmax_loss, oracles.normalized_softmax,
+         dict(temperature=0.5)),
+    Case("subcenter_arcface-K3", subcenter_3d, oracles.subcenter_arcface, dict(scale=16.0)),
+    Case("subcenter_arcface-K2-flat-threshold-sum", subcenter_flat, oracles.subcenter_arcface,
+         dict(centers=2, margin=0.9, large_angle="threshold", scale=8.0, reduction="sum")),
 ]
 
 
@@ -56,7 +73,7 @@ def test_vmap_over_independent_batches():
 
 def test_docstring_examples():
     result = doctest.testmod(margin_softmax_losses, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 3 and result.failed == 0, result
+    assert result.attempted >= 5 and result.failed == 0, result
 
 
 # --------------------------------------------------------------------- the formulas
@@ -175,6 +192,64 @@ def test_cosface_matches_pml():
     pml = pytest.importorskip("pytorch_metric_learning.losses")
     ref, got = _pml_and_ours(pml.CosFaceLoss(6, 8).double(), losses.cosface_loss, 28)
     _assert_same(ref, got)
+
+
+def test_normalized_softmax_matches_pml():
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    ref, got = _pml_and_ours(pml.NormalizedSoftmaxLoss(6, 8).double(),
+                             losses.normalized_softmax_loss, 30)
+    _assert_same(ref, got)
+
+
+def test_subcenter_arcface_matches_pml_with_threshold():
+    """PML's SubCenterArcFaceLoss: W (D, C*K), class-major; margin in degrees."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    import torch
+
+    rng = np.random.default_rng(31)
+    b, d, c, k = 16, 8, 4, 3
+    x = rng.normal(size=(b, d)) * rng.uniform(0.5, 2.0, (b, 1))
+    w = rng.normal(size=(c * k, d))
+    labels = rng.integers(0, c, b)
+    pml_loss = pml.SubCenterArcFaceLoss(num_classes=c, embedding_size=d, sub_centers=k,
+                                        margin=math.degrees(0.5), scale=16).double()
+    pml_loss.W.data = torch.tensor(w.T.copy())
+    e = torch.tensor(x, requires_grad=True)
+    loss = pml_loss(e, torch.tensor(labels))
+    loss.backward()
+    ref = (float(loss.detach()), e.grad.numpy(), pml_loss.W.grad.numpy().T)
+    fn = lambda e, w: losses.subcenter_arcface_loss(  # noqa: E731
+        e, labels, w, centers=k, margin=0.5, scale=16.0, large_angle="threshold")[0]
+    value, grads = jax.jit(jax.value_and_grad(fn, (0, 1)))(x.astype(np.float32),
+                                                           w.astype(np.float32))
+    _assert_same(ref, (float(value), *map(np.asarray, grads)))
+    # The (C, K, D) layout is the same loss.
+    same, _ = losses.subcenter_arcface_loss(x, labels, w.reshape(c, k, d), centers=k,
+                                            margin=0.5, scale=16.0, large_angle="threshold")
+    np.testing.assert_allclose(float(same), float(value), rtol=1e-6)
+
+
+def test_subcenter_arcface_with_one_center_is_arcface():
+    rng = np.random.default_rng(32)
+    x, w, y = checks.unit(rng, 8), rng.normal(size=(4, checks.D)), rng.integers(0, 4, 8)
+    a, _ = losses.arcface_loss(x, y, w, scale=10.0)
+    s, _ = losses.subcenter_arcface_loss(x, y, w, centers=1, scale=10.0)
+    np.testing.assert_allclose(a, s, rtol=1e-6)
+
+
+def test_bad_center_shapes():
+    x, y = jnp.ones((4, 3)), jnp.array([0, 0, 1, 1])
+    fn = losses.subcenter_arcface_loss
+    with pytest.raises(ValueError, match=r"\(C, K, D\) or \(C\*K, D\) with K = centers = 3"):
+        fn(x, y, jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match="must hold K = centers = 3 vectors per class"):
+        fn(x, y, jnp.ones((2, 2, 3)))
+    with pytest.raises(ValueError, match="centers must be a positive integer"):
+        fn(x, y, jnp.ones((2, 3)), centers=0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        fn(x, y, jnp.ones((3, 3)))  # one class of three sub-centers
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        losses.normalized_softmax_loss(x, y, jnp.ones((2, 3)), temperature=0.0)
 
 
 def test_large_batch_against_float64():

@@ -54,6 +54,9 @@ def _loss(name, e, w, y=LABELS, **extra):
     if entry.learned == "beta":
         return entry.fn(e, y, BETA, **kw)
     if entry.learned:
+        k = entry.num_centers(kw)
+        if k > 1:  # K vectors per class: (C*K, D), as a run makes them
+            w = np.random.default_rng(1).normal(size=(C * k, D)).astype(np.float32)
         return entry.fn(e, y, w, **kw)
     return entry.fn(e, y, **kw)
 

@@ -324,7 +324,8 @@ def test_a_state_needs_its_inputs(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(loss="arc_face"), "unknown loss 'arc_face'"),
     (dict(loss="supcon", margin=0.5), "has no margin"),
-    (dict(loss="triplet", temperature=0.1), "supcon and ntxent loss only"),
+    (dict(loss="triplet", temperature=0.1),
+     "supcon, ntxent, normalized_softmax and smooth_ap loss only"),
     (dict(loss="supcon", reduction="sum"), "contrastive and triplet loss only"),
     (dict(loss="triplet", soft_margin=True, mining="semihard"), "soft_margin works with"),
     (dict(loss="contrastive", soft_margin=True), "triplet loss only"),

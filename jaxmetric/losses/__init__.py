@@ -9,14 +9,20 @@ fraction, mean distances). Every loss is pure and works under ``jit``, ``vmap`` 
 ==================  =================================================================
 module              losses
 ==================  =================================================================
-``contrastive``     :func:`contrastive_loss` (Hadsell et al. 2006), every pair
+``contrastive``     :func:`contrastive_loss` (Hadsell et al. 2006), every pair;
+                    :func:`snr_contrastive_loss` (Yuan et al. 2019), on SNR distances
 ``triplet``         :func:`triplet_loss` (FaceNet), mined triplets (:mod:`jaxmetric.mining`)
 ``softmax``         :func:`supcon_loss`, :func:`ntxent_loss`
 ``weighted_pair``   :func:`multi_similarity_loss`, :func:`circle_loss`,
                     :func:`lifted_structure_loss`
-``margin``          :func:`margin_loss` (Wu et al. 2017), a learned boundary beta
+``margin``          :func:`margin_loss` (Wu et al. 2017), a learned boundary beta,
+                    optionally on distance-weighted samples
 ``proxy``           :func:`proxy_anchor_loss`, :func:`proxy_nca_loss`
-``margin_softmax``  :func:`arcface_loss`, :func:`cosface_loss`
+``margin_softmax``  :func:`arcface_loss`, :func:`cosface_loss`,
+                    :func:`normalized_softmax_loss`, :func:`subcenter_arcface_loss`
+``soft_triple``     :func:`soft_triple_loss` (Qian et al. 2019), K centers per class
+``fastap``          :func:`fastap_loss` (Cakir et al. 2019), histogram-binned AP
+``smooth_ap``       :func:`smooth_ap_loss` (Brown et al. 2020), sigmoid-ranked AP
 ==================  =================================================================
 
 The shared inputs live beside them: :mod:`~jaxmetric.losses.pair_batch` (a batch of
@@ -110,7 +116,8 @@ NaN).
 **Large finite inputs.** The normalisation and the distances scale each row by a power
 of two before squaring (:mod:`jaxmetric.distances`), so no row of finite norm is
 mistaken for a zero or a NaN one: the cosine losses (SupCon, NT-Xent, Multi-Similarity,
-Circle, the proxy and margin-softmax losses) give the same value for ``c * x`` as for
+Circle, the proxy and margin-softmax losses, SoftTriple, FastAP, Smooth-AP and the SNR
+contrastive loss, which all normalise the rows) give the same value for ``c * x`` as for
 ``x`` at every finite ``c > 0``, with finite gradients; the ``"l2"`` distance is right up
 to ~3e38 and ``"squared_l2"`` up to squared distances of ~3e38 (distances of ~1.8e19),
 beyond which it is ``inf``: a Euclidean loss is then right or visibly inf / NaN, and a
@@ -122,11 +129,19 @@ References:
 """
 
 from jaxmetric.losses import registry
-from jaxmetric.losses.contrastive import contrastive_loss
-from jaxmetric.losses.margin import MARGIN_PAIRS, margin_loss
-from jaxmetric.losses.margin_softmax import arcface_loss, cosface_loss
+from jaxmetric.losses.contrastive import contrastive_loss, snr_contrastive_loss
+from jaxmetric.losses.fastap import fastap_loss
+from jaxmetric.losses.margin import MARGIN_PAIRS, MARGIN_SAMPLING, margin_loss
+from jaxmetric.losses.margin_softmax import (
+    arcface_loss,
+    cosface_loss,
+    normalized_softmax_loss,
+    subcenter_arcface_loss,
+)
 from jaxmetric.losses.proxy import proxy_anchor_loss, proxy_nca_loss
 from jaxmetric.losses.reductions import REDUCTIONS
+from jaxmetric.losses.smooth_ap import smooth_ap_loss
+from jaxmetric.losses.soft_triple import soft_triple_loss
 from jaxmetric.losses.softmax import ntxent_loss, supcon_loss
 from jaxmetric.losses.triplet import MINING_MODES, SOFT_MINING_MODES, triplet_loss
 from jaxmetric.losses.weighted_pair import (
@@ -136,6 +151,7 @@ from jaxmetric.losses.weighted_pair import (
 )
 
 __all__ = [
+    "MARGIN_SAMPLING",
     "MARGIN_PAIRS",
     "MINING_MODES",
     "REDUCTIONS",
@@ -144,13 +160,19 @@ __all__ = [
     "circle_loss",
     "contrastive_loss",
     "cosface_loss",
+    "fastap_loss",
     "lifted_structure_loss",
     "margin_loss",
     "multi_similarity_loss",
+    "normalized_softmax_loss",
     "ntxent_loss",
     "proxy_anchor_loss",
     "proxy_nca_loss",
     "registry",
+    "smooth_ap_loss",
+    "snr_contrastive_loss",
+    "soft_triple_loss",
+    "subcenter_arcface_loss",
     "supcon_loss",
     "triplet_loss",
 ]

@@ -20,6 +20,13 @@ batch. :func:`gather` gives what they all start from:
 - the masks ``own`` (row ``i`` and its own class ``y_i``) and ``other`` (row ``i`` and
   every other class), both limited to valid rows.
 
+**Several vectors per class.** Sub-center ArcFace and SoftTriple learn ``K`` vectors
+(*centers*) per class: ``vectors`` is then ``(C, K, D)``, or ``(C*K, D)`` with class
+``c``'s centers in rows ``c*K .. c*K + K - 1`` (pytorch-metric-learning's layout).
+With ``centers=K`` and a ``pool`` from the ``(R, C, K)`` cosines to the centers to one
+similarity per class ``(R, C)`` (their maximum, or SoftTriple's soft maximum),
+``cos`` holds the pooled similarities and everything else works per class as above.
+
 **Labels out of range.** A class id outside ``[0, C)`` on a valid row has no class
 vector. With concrete labels (outside ``jit``, ``vmap``, ``shard_map``) that is a
 ``ValueError``; a traced label cannot be checked, so there the rule of non-finite
@@ -76,10 +83,21 @@ class ClassBatch(NamedTuple):
 
 
 def check_class_vectors(vectors, dim: int, *, name: str = "proxies",
-                        min_classes: int = 1) -> jax.Array:
+                        min_classes: int = 1, centers: int | None = None) -> jax.Array:
     """``vectors`` as float32 ``(C, D)`` after checking its shape against the embedding
-    dimension ``dim`` and that ``C >= min_classes``."""
+    dimension ``dim`` and that ``C >= min_classes``; with ``centers=K`` (an int, 1
+    included), ``(C*K, D)`` from ``(C, K, D)`` or ``(C*K, D)`` (module docstring)."""
     vectors = jnp.asarray(vectors)
+    if centers is not None:
+        if vectors.ndim == 3 and vectors.shape[1] != centers:
+            raise ValueError(f"{name} of shape (C, K, D) must hold K = centers = {centers} "
+                             f"vectors per class; got shape {vectors.shape}")
+        if vectors.ndim == 3:
+            vectors = vectors.reshape(-1, vectors.shape[2])
+        elif vectors.ndim != 2 or vectors.shape[0] % centers:
+            raise ValueError(f"{name} must have shape (C, K, D) or (C*K, D) with K = "
+                             f"centers = {centers} vectors per class; got shape "
+                             f"{vectors.shape}")
     if vectors.ndim != 2:
         raise ValueError(f"{name} must have shape (C, D), one row per class; "
                          f"got shape {vectors.shape}")
@@ -87,9 +105,10 @@ def check_class_vectors(vectors, dim: int, *, name: str = "proxies",
         raise TypeError(f"{name} must be floating point; got dtype {vectors.dtype}")
     if vectors.shape[1] != dim:
         raise ValueError(f"{name} have dimension {vectors.shape[1]} but embeddings have {dim}")
-    if vectors.shape[0] < min_classes:
+    k = 1 if centers is None else centers
+    if vectors.shape[0] < min_classes * k:
         raise ValueError(f"{name} must hold at least {min_classes} classes; "
-                         f"got {vectors.shape[0]}")
+                         f"got {vectors.shape[0] // k}")
     return vectors.astype(jnp.float32)
 
 
@@ -121,7 +140,8 @@ def nan_if_out_of_range(labels, valid, num_classes: int, axis_name) -> jax.Array
 
 
 def gather(embeddings, labels, vectors, valid=None, axis_name=None, *,
-           name: str = "proxies", min_classes: int = 1) -> ClassBatch:
+           name: str = "proxies", min_classes: int = 1, centers: int | None = None,
+           pool=None) -> ClassBatch:
     """The :class:`ClassBatch` of the local rows against the class ``vectors`` (C, D).
 
     Args:
@@ -132,16 +152,22 @@ def gather(embeddings, labels, vectors, valid=None, axis_name=None, *,
       axis_name: mapped axis of the data-parallel batch, or None.
       name: what to call ``vectors`` in error messages.
       min_classes: the fewest classes that make the loss defined.
+      centers: ``K``, the vectors per class (module docstring); ``vectors`` is then
+        ``(C, K, D)`` or ``(C*K, D)``. None: one per class, ``(C, D)``.
+      pool: with ``centers``, ``(R, C, K)`` cosines to the centers ->
+        ``(R, C)`` similarities to the classes.
     """
     b = batch_lib.gather(embeddings, labels, valid, axis_name, min_columns=1)
     vectors = check_class_vectors(vectors, b.anchors.shape[1], name=name,
-                                  min_classes=min_classes)
-    num_classes = vectors.shape[0]
+                                  min_classes=min_classes, centers=centers)
+    num_classes = vectors.shape[0] // (1 if centers is None else centers)
     check_label_range(labels, valid, num_classes, name=name)
     nan = (b.nan_if_nonfinite + batch_lib.nan_if_nonfinite(vectors, None)  # replicated
            + nan_if_out_of_range(b.anchor_labels, b.anchor_valid, num_classes, axis_name))
     b = b._replace(nan_if_nonfinite=nan)
     cos = 1.0 - distances.cross_cosine_distances(b.anchors, vectors)
+    if pool is not None:
+        cos = pool(cos.reshape(cos.shape[0], num_classes, -1))
     same = b.anchor_labels[:, None] == jnp.arange(num_classes, dtype=b.anchor_labels.dtype)
     valid_rows = b.anchor_valid[:, None]
     return ClassBatch(b, vectors, cos, same, same & valid_rows, ~same & valid_rows)

@@ -3,11 +3,15 @@ r"""The contrastive loss over every pair of a batch (Hadsell, Chopra & LeCun 200
 Positive pairs are pulled together past ``pos_margin`` and negative pairs pushed apart
 beyond ``margin``; the math, the reductions and the options are in
 :func:`contrastive_loss`'s docstring, the contract shared with every loss in
-:mod:`jaxmetric.losses`.
+:mod:`jaxmetric.losses`. :func:`snr_contrastive_loss` is the same loss on the
+signal-to-noise ratio distance of Yuan et al. 2019
+(:func:`jaxmetric.distances.cross_snr_distances`).
 
 References:
   R. Hadsell, S. Chopra, Y. LeCun, "Dimensionality Reduction by Learning an Invariant
   Mapping", CVPR 2006.
+  T. Yuan, W. Deng, J. Tang, Y. Tang, B. Chen, "Signal-to-Noise Ratio: A Robust
+  Distance Metric for Deep Metric Learning", CVPR 2019.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from jaxmetric.losses import reductions
 from jaxmetric.losses.reductions import safe_mean
 from jaxmetric.utils import check_choice, check_number
 
-__all__ = ["contrastive_loss"]
+__all__ = ["contrastive_loss", "snr_contrastive_loss"]
 
 Info = dict[str, jax.Array]
 
@@ -130,3 +134,67 @@ def contrastive_loss(
     if reduction == "none":
         info.update(reductions.anchor_info(groups))
     return batch_lib.propagate_nonfinite(b, loss, info, ("num_pos_pairs", "num_neg_pairs"))
+
+
+def snr_contrastive_loss(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    *,
+    margin: float = 1.0,
+    pos_margin: float = 0.0,
+    power: float = 1,
+    reduction: str = "mean_nonzero",
+    valid: ArrayLike | None = None,
+    axis_name=None,
+    ref_embeddings: ArrayLike | None = None,
+    ref_labels: ArrayLike | None = None,
+    ref_valid: ArrayLike | None = None,
+) -> tuple[jax.Array, Info]:
+    r"""The contrastive loss on signal-to-noise ratio distances (Yuan et al. 2019).
+
+    With the SNR distance of anchor :math:`i` to row :math:`j`
+    (:func:`jaxmetric.distances.cross_snr_distances`, on L2-normalised rows),
+
+    .. math::
+        d_{ij} = \frac{\operatorname{var}(x_j - x_i)}{\operatorname{var}(x_i)}, \qquad
+        \ell_{ij} = \begin{cases}
+          [d_{ij} - m_+]_+^{\,p} & y_i = y_j\\
+          [m - d_{ij}]_+^{\,p}   & y_i \ne y_j
+        \end{cases}
+
+    the pairs, reductions and options of :func:`contrastive_loss`. A small SNR distance
+    means the difference of the two rows is weak noise against the anchor's signal. The
+    defaults (``margin=1``, ``pos_margin=0``, ``power=1``, ``"mean_nonzero"``) are those
+    of pytorch-metric-learning's ``SignalToNoiseRatioContrastiveLoss``; its loss, with
+    every ordered pair (the distance is not symmetric: both orders count, each with its
+    own anchor's variance). The paper adds a regulariser on the mean of the embeddings
+    for unnormalised ones; the rows here are normalised, so it is left out (as in PML).
+
+    Args:
+      embeddings: (B, D) float embeddings, ``D >= 2`` (any float dtype; computed in
+        float32).
+      labels: (B,) integer class labels.
+      margin, pos_margin, power: as for :func:`contrastive_loss`, in SNR units (a
+        variance ratio: 1 is noise as strong as the signal).
+      reduction, valid, axis_name, ref_embeddings, ref_labels, ref_valid: as for
+        :func:`contrastive_loss`.
+
+    Returns:
+      ``(loss, info)`` with the entries of :func:`contrastive_loss` (mean distances in
+      SNR units).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxmetric import losses
+      >>> emb = jnp.array([[1.0, 0.0, 0.2], [0.8, 0.6, 0.0], [0.0, 1.0, 0.3],
+      ...                  [-0.6, 0.8, 0.1]])
+      >>> labels = jnp.array([0, 0, 1, 1])
+      >>> loss, info = losses.snr_contrastive_loss(emb, labels)
+      >>> print(f"{loss:.4f}", info["num_pos_pairs"], info["num_active_neg_pairs"])
+      0.5837 4.0 0.0
+    """
+    return contrastive_loss(
+        embeddings, labels, margin=margin, pos_margin=pos_margin, power=power,
+        distance=distances.cross_snr_distances, reduction=reduction, valid=valid,
+        axis_name=axis_name, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        ref_valid=ref_valid)

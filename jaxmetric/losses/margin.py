@@ -7,6 +7,23 @@ and :math:`\nu \beta_i` regularises the boundary:
 
 .. math::  \ell_{ij} = [\alpha + y_{ij}(D_{ij} - \beta_i)]_+ + \nu \beta_i .
 
+**Distance-weighted sampling** (``sampling="distance_weighted"``, the paper's sampler).
+For every positive pair :math:`(i, p)` one negative :math:`n_{ip}` is drawn with
+probability :math:`\propto 1 / q(d_{in})`, the inverse density of distances on the unit
+sphere, clipped (:func:`jaxmetric.mining.distance_weighted_negatives`), and the loss
+sums over these triplets
+
+.. math::  [\alpha + D_{ip} - \beta_i]_+ + [\alpha - D_{i n_{ip}} + \beta_i]_+
+           + \nu \beta_i .
+
+The weights are computed from the Euclidean distances of the L2-normalised rows
+(:math:`\sqrt{2 - 2\cos}`, the sphere the paper's embeddings lie on), whatever
+``distance`` the loss itself uses; the draw carries no gradient. It needs a PRNG
+``key``: the train step passes a fresh one every step, derived from the run's seed.
+An anchor draws with ``fold_in(key, its position in the global batch)``, so under
+``axis_name`` every device draws for its own anchors exactly what one device draws
+on the concatenated batch (with a reference set, for the anchors of the batch).
+
 The batch, padding, global batch under ``axis_name``, reference set and the NaN rule
 are those of :mod:`jaxmetric.losses.pair_batch`, as for every pair loss; :math:`\beta`
 is a replicated parameter like the network's (its gradient is summed over the devices by
@@ -24,15 +41,20 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxmetric import distances
+from jaxmetric import mining as mining_lib
 from jaxmetric.losses import class_batch, reductions
 from jaxmetric.losses import pair_batch as batch_lib
 from jaxmetric.losses.reductions import Terms, safe_mean
 from jaxmetric.utils import check_choice, check_number
 
-__all__ = ["MARGIN_PAIRS", "margin_loss"]
+__all__ = ["MARGIN_SAMPLING", "MARGIN_PAIRS", "margin_loss"]
 
 MARGIN_PAIRS: tuple[str, ...] = ("all", "triplets")
 """How :func:`margin_loss` counts pairs: each pair once, or once per triplet it is in."""
+
+MARGIN_SAMPLING: tuple[str, ...] = ("none", "distance_weighted")
+"""How :func:`margin_loss` picks its pairs: all of them (as ``pairs`` says), or one
+distance-weighted negative per positive pair (module docstring)."""
 
 Info = dict[str, jax.Array]
 
@@ -45,6 +67,10 @@ def margin_loss(
     margin: float = 0.2,
     nu: float = 0.0,
     pairs: str = "all",
+    sampling: str = "none",
+    key: jax.Array | None = None,
+    cutoff: float = mining_lib.DWS_CUTOFF,
+    nonzero_loss_cutoff: float = mining_lib.DWS_NONZERO_LOSS_CUTOFF,
     distance: str | distances.DistanceFn = "l2",
     reduction: str = "mean_nonzero",
     valid: ArrayLike | None = None,
@@ -69,9 +95,12 @@ def margin_loss(
     docstring).
 
     **Which pairs.** Wu et al. draw one negative per positive pair by
-    distance-weighted sampling; that sampler is not part of this loss. ``pairs="all"``
-    (default) takes every positive and negative pair once, as the contrastive loss
-    does. ``pairs="triplets"`` is pytorch-metric-learning's ``MarginLoss``
+    distance-weighted sampling: ``sampling="distance_weighted"`` with a ``key`` (module
+    docstring); each drawn triplet contributes :math:`[\alpha + D_{ip} - \beta_i]_+ +
+    [\alpha - D_{in} + \beta_i]_+ + \nu\beta_i`, the paper's code's loss. With
+    ``sampling="none"`` (default), ``pairs="all"`` takes every positive and negative
+    pair once, as the contrastive loss does. ``pairs="triplets"`` is
+    pytorch-metric-learning's ``MarginLoss``
     (``triplets_per_anchor="all"``): every triplet (i, p, n) contributes
     :math:`[\alpha + D_{ip} - \beta_i]_+ + [\alpha - D_{in} + \beta_i]_+ +
     \nu\beta_i`, so a positive pair counts once per negative of its anchor and a
@@ -90,7 +119,14 @@ def margin_loss(
       beta: the boundary, a float scalar or (C,) one per class (may be traced).
       margin: :math:`\alpha \ge 0`, in the distance's units.
       nu: :math:`\nu \ge 0`, the weight of the regulariser.
-      pairs: ``"all"`` or ``"triplets"`` (above; :data:`MARGIN_PAIRS`).
+      pairs: ``"all"`` or ``"triplets"`` (above; :data:`MARGIN_PAIRS`); with
+        ``sampling="distance_weighted"``, ``"all"``.
+      sampling: ``"none"`` or ``"distance_weighted"`` (:data:`MARGIN_SAMPLING`); in a
+        run: ``--loss-options sampling=distance_weighted``.
+      key: PRNG key of the draw; needed (and only used) with
+        ``sampling="distance_weighted"``; the same on every device under ``axis_name``.
+      cutoff, nonzero_loss_cutoff: distance-weighted sampling's clipping of the
+        normalised rows' distances (the paper's 0.5 and 1.4).
       distance: ``"l2"`` (default), ``"squared_l2"``, ``"cosine"`` or a callable
         (:mod:`jaxmetric.distances`).
       reduction: ``"mean_nonzero"`` (default): the sum of every term over the number of
@@ -109,8 +145,11 @@ def margin_loss(
       pairs), ``mean_beta`` (the boundary of the valid anchors, averaged),
       ``mean_pos_distance``, ``mean_neg_distance``, and with ``"none"``
       ``anchor_num_selected`` and ``anchor_num_active`` (terms of each anchor, counted
-      per triplet with ``pairs="triplets"``). A NaN or inf in a valid row makes the
-      loss and all entries but the pair counts and ``mean_beta`` NaN.
+      per triplet with ``pairs="triplets"``, two per drawn triplet with
+      distance-weighted sampling, whose active fraction is over those terms). With
+      ``sampling="distance_weighted"`` also ``num_triplets``, the triplets drawn. A NaN
+      or inf in a valid row makes the loss and all entries but the pair counts and
+      ``mean_beta`` NaN.
 
     Example:
       >>> import jax.numpy as jnp
@@ -126,6 +165,16 @@ def margin_loss(
     """
     check_choice("reduction", reduction, reductions.ANY_REDUCTION)
     check_choice("pairs", pairs, MARGIN_PAIRS)
+    check_choice("sampling", sampling, MARGIN_SAMPLING)
+    sampled = sampling == "distance_weighted"
+    if sampled and pairs != "all":
+        raise ValueError(f"sampling='distance_weighted' draws its own triplets: leave "
+                         f"pairs='all' (got pairs={pairs!r})")
+    if sampled and key is None:
+        raise ValueError("sampling='distance_weighted' draws negatives at random: give a "
+                         "PRNG key (key=jax.random.key(...))")
+    check_number("cutoff", cutoff, minimum=0.0)
+    check_number("nonzero_loss_cutoff", nonzero_loss_cutoff, positive=True)
     check_number("margin", margin, minimum=0.0)
     check_number("nu", nu, minimum=0.0)
     distances.resolve(distance)
@@ -152,6 +201,10 @@ def margin_loss(
     pos_terms = jnp.where(pos, jax.nn.relu(margin + d - beta_i[:, None]), 0.0)
     neg_terms = jnp.where(neg, jax.nn.relu(margin - d + beta_i[:, None]), 0.0)
     num_pos, num_neg = reductions.count(pos, 1), reductions.count(neg, 1)
+    if sampled:
+        return _distance_weighted(b, d, pos, neg, pos_terms, beta_i, key, margin, nu,
+                                  cutoff, nonzero_loss_cutoff, reduction, axis_name,
+                                  label_nan)
     active_pos, active_neg = reductions.count(pos_terms > 0, 1), reductions.count(neg_terms > 0, 1)
     if pairs == "all":  # each pair once, with its regulariser
         w_pos = w_neg = 1.0
@@ -173,6 +226,39 @@ def margin_loss(
         "num_active_neg_pairs": num_active_neg,
         "active_fraction": safe_mean(num_active_pos + num_active_neg,
                                      info["num_pos_pairs"] + info["num_neg_pairs"]),
+        "mean_beta": safe_mean(total(jnp.where(b.anchor_valid, beta_i, 0.0)),
+                               total(b.anchor_valid)) + label_nan,
+    }
+    exact = batch_lib.PAIR_COUNTS + ("mean_beta",)
+    return batch_lib.finish(b, loss, info, groups, reduction, exact)
+
+
+def _distance_weighted(b, d, pos, neg, pos_terms, beta_i, key, margin, nu, cutoff,
+                       nonzero_loss_cutoff, reduction, axis_name, label_nan):
+    """The margin loss over one distance-weighted negative per positive pair (module
+    docstring): ``pos_terms`` (R, C) are the positive pairs' hinges."""
+    unit = 2.0 * distances.cross_cosine_distances(b.anchors, b.batch)  # 2 - 2 cos
+    index, has_neg = mining_lib.distance_weighted_negatives(
+        key, jnp.sqrt(jax.lax.stop_gradient(unit)), neg, b.anchor_index,
+        dim=b.anchors.shape[1], cutoff=cutoff, nonzero_loss_cutoff=nonzero_loss_cutoff)
+    triplet = pos & has_neg[:, None]  # (i, p) with its drawn negative index[i, p]
+    d_neg = jnp.take_along_axis(d, index, axis=1)
+    neg_terms = jnp.where(triplet, jax.nn.relu(margin - d_neg + beta_i[:, None]), 0.0)
+    pos_terms = jnp.where(triplet, pos_terms, 0.0)
+    num_triplets = reductions.count(triplet, 1)
+    active_pos, active_neg = reductions.count(pos_terms > 0, 1), reductions.count(neg_terms > 0, 1)
+    anchor_loss = (jnp.sum(pos_terms, axis=1) + jnp.sum(neg_terms, axis=1)
+                   + nu * beta_i * num_triplets)
+    groups = (Terms(anchor_loss, 2.0 * num_triplets, active_pos + active_neg),)
+    loss, ((_, num_terms, num_active),) = reductions.reduce(groups, reduction, axis_name)
+
+    total = lambda x: reductions.total(x, axis_name)  # noqa: E731
+    info = batch_lib.pair_distance_info(d, pos, neg, axis_name)
+    info |= {
+        "num_active_pos_pairs": total(active_pos),
+        "num_active_neg_pairs": total(active_neg),
+        "num_triplets": total(num_triplets),
+        "active_fraction": safe_mean(num_active, num_terms),
         "mean_beta": safe_mean(total(jnp.where(b.anchor_valid, beta_i, 0.0)),
                                total(b.anchor_valid)) + label_nan,
     }

@@ -2,10 +2,13 @@ r"""Margin-softmax losses: a cosine classifier whose own-class logit carries a m
 
 ArcFace and CosFace train the embeddings as the input of a ``C``-class softmax
 classifier without bias whose logits are scaled cosines, and make the own class win
-by a margin: in angle (ArcFace) or in cosine (CosFace). Both take ``embeddings (B, D)``,
-integer ``labels (B,)`` in ``[0, C)`` and the learnable class ``weights (C, D)``
-(:func:`init_weights`), and return ``(loss, info)``; both are pure and work under
-``jit``, ``vmap`` and ``grad`` (with respect to the embeddings and the weights).
+by a margin: in angle (ArcFace) or in cosine (CosFace). Normalized Softmax is the same
+classifier without a margin; Sub-center ArcFace gives every class ``K`` weight vectors
+and takes the closest. All take ``embeddings (B, D)``, integer ``labels (B,)`` in
+``[0, C)`` and the learnable class ``weights (C, D)`` (``(C, K, D)`` or ``(C*K, D)``
+for Sub-center ArcFace; :func:`init_weights`), and return ``(loss, info)``; all are
+pure and work under ``jit``, ``vmap`` and ``grad`` (with respect to the embeddings and
+the weights).
 Rows and weights are L2-normalised inside (:mod:`jaxmetric.losses.class_batch`), so the
 losses are right for non-normalised inputs; :math:`\cos\theta_{ic}` below is the
 cosine of row ``i`` and class ``c``. ``valid`` and ``axis_name`` work as in
@@ -58,11 +61,32 @@ holds and the second part of the derivative is 0, or at least about
 PML's ``ArcFaceLoss`` takes its margin in degrees (default 28.6° = 0.4992 rad); here it
 is in radians.
 
+**Normalized Softmax** (Zhai & Wu 2019): :math:`\psi(\theta) = \cos\theta` and
+:math:`s = 1 / T` with a temperature ``T = 0.05``: the softmax cross-entropy of a
+linear classifier without bias on the normalised embeddings and weights, the loss of
+pytorch-metric-learning's ``NormalizedSoftmaxLoss``. A low temperature plays the role
+of ArcFace's large scale: it keeps the softmax from saturating at cosines in [-1, 1].
+
+**Sub-center ArcFace** (Deng et al. 2020): class ``c`` has ``K`` weight vectors (the
+sub-centers, ``K = 3``) and a row's cosine to the class is the largest over them,
+
+.. math::  \cos\theta_{ic} = \max_{k} \cos(x_i, w_{ck}),
+
+after which the loss is ArcFace's (the same :math:`\psi` and ``large_angle``). A noisy
+or atypical row of a class can then sit near a sub-center of its own instead of
+pulling the dominant one. The gradient of the maximum reaches only the closest
+sub-center of every class (in a tie, JAX's ``max`` shares it). PML's
+``SubCenterArcFaceLoss`` is this loss with ``large_angle="threshold"``.
+
 References:
   J. Deng, J. Guo, N. Xue, S. Zafeiriou, "ArcFace: Additive Angular Margin Loss for
   Deep Face Recognition", CVPR 2019.
   H. Wang, Y. Wang, Z. Zhou, X. Ji, D. Gong, J. Zhou, Z. Li, W. Liu, "CosFace: Large
   Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
+  A. Zhai, H.-Y. Wu, "Classification is a Strong Baseline for Deep Metric Learning",
+  BMVC 2019.
+  J. Deng, J. Guo, T. Liu, M. Gong, S. Zafeiriou, "Sub-center ArcFace: Boosting Face
+  Recognition by Large-Scale Noisy Web Faces", ECCV 2020.
 """
 
 from __future__ import annotations
@@ -76,7 +100,8 @@ from jax.typing import ArrayLike
 from jaxmetric.losses import class_batch
 from jaxmetric.utils import check_choice, check_number, check_positive_int
 
-__all__ = ["LARGE_ANGLE", "SIN_EPS", "arcface_loss", "cosface_loss", "init_weights"]
+__all__ = ["LARGE_ANGLE", "SIN_EPS", "arcface_loss", "cosface_loss", "init_weights",
+           "normalized_softmax_loss", "subcenter_arcface_loss"]
 
 LARGE_ANGLE: tuple[str, ...] = ("plain", "threshold", "easy")
 """ArcFace's treatments of :math:`\\theta + m > \\pi` (module docstring)."""
@@ -188,18 +213,28 @@ def arcface_loss(
       >>> print(f"{loss:.4f}", info["num_rows"], info["active_fraction"])
       0.9603 4.0 0.5
     """
+    _check_arcface(margin, scale, large_angle)
+    cb = class_batch.gather(embeddings, labels, weights, valid, axis_name, name="weights")
+    psi = _arcface_psi(_own_cos(cb), margin, large_angle)
+    return _margin_softmax(cb, psi, scale, reduction, axis_name)
+
+
+def _check_arcface(margin, scale, large_angle) -> None:
     check_number("margin", margin, minimum=0.0, maximum=math.pi / 2)
     check_number("scale", scale, positive=True)
     check_choice("large_angle", large_angle, LARGE_ANGLE)
-    cb = class_batch.gather(embeddings, labels, weights, valid, axis_name, name="weights")
-    c = _own_cos(cb)
+
+
+def _arcface_psi(c, margin, large_angle) -> jax.Array:
+    r"""ArcFace's own-class logit :math:`\psi` of the own cosines ``c`` (R,) (module
+    docstring: the angle addition with a floored sine, ``large_angle``)."""
     sin = jnp.sqrt(jnp.maximum(1.0 - c * c, SIN_EPS))
     psi = c * jnp.cos(margin) - sin * jnp.sin(margin)
     if large_angle == "threshold":  # theta > pi - m  <=>  cos(theta) < cos(pi - m)
         psi = jnp.where(c >= -jnp.cos(margin), psi, c - margin * jnp.sin(margin))
     elif large_angle == "easy":
         psi = jnp.where(c > 0.0, psi, c)
-    return _margin_softmax(cb, psi, scale, reduction, axis_name)
+    return psi
 
 
 def cosface_loss(
@@ -249,3 +284,107 @@ def cosface_loss(
     check_number("scale", scale, positive=True)
     cb = class_batch.gather(embeddings, labels, weights, valid, axis_name, name="weights")
     return _margin_softmax(cb, _own_cos(cb) - margin, scale, reduction, axis_name)
+
+
+def normalized_softmax_loss(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    weights: ArrayLike,
+    *,
+    temperature: float = 0.05,
+    reduction: str = "mean",
+    valid: ArrayLike | None = None,
+    axis_name=None,
+) -> tuple[jax.Array, Info]:
+    r"""Normalized Softmax, a cosine classifier with a temperature (Zhai & Wu 2019).
+
+    .. math::
+        \ell_i = -\log \frac{e^{\cos\theta_{i y_i} / T}}{\sum_{c} e^{\cos\theta_{ic} / T}}
+
+    the cross-entropy of the logits :math:`\cos\theta_{ic} / T` of the L2-normalised
+    row and class weights (module docstring). The same loss as PML's
+    ``NormalizedSoftmaxLoss`` with its defaults.
+
+    Args:
+      embeddings: (B, D) float embeddings (any float dtype; computed in float32; need
+        not be normalised).
+      labels: (B,) integer class ids in ``[0, C)``.
+      weights: (C, D) float, one learnable weight vector per class
+        (:func:`init_weights`).
+      temperature: ``T > 0``; the logits are the cosines divided by it.
+      reduction, valid, axis_name: as for :func:`arcface_loss`.
+
+    Returns:
+      ``(loss, info)`` with the entries of :func:`arcface_loss`; a row is active when
+      its own class's cosine is not larger than every other class's.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxmetric import losses
+      >>> emb = jnp.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
+      >>> labels = jnp.array([0, 0, 1, 1])
+      >>> weights = jnp.array([[1.0, 0.2], [0.0, 1.0], [-1.0, 0.0]])
+      >>> loss, info = losses.normalized_softmax_loss(emb, labels, weights, temperature=0.5)
+      >>> print(f"{loss:.4f}", info["num_rows"], info["active_fraction"])
+      0.3644 4.0 0.0
+    """
+    check_number("temperature", temperature, positive=True)
+    cb = class_batch.gather(embeddings, labels, weights, valid, axis_name, name="weights")
+    return _margin_softmax(cb, _own_cos(cb), 1.0 / temperature, reduction, axis_name)
+
+
+def subcenter_arcface_loss(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    weights: ArrayLike,
+    *,
+    centers: int = 3,
+    margin: float = 0.5,
+    scale: float = 64.0,
+    large_angle: str = "plain",
+    reduction: str = "mean",
+    valid: ArrayLike | None = None,
+    axis_name=None,
+) -> tuple[jax.Array, Info]:
+    r"""Sub-center ArcFace: ArcFace on the closest of ``K`` sub-centers per class
+    (Deng et al. 2020).
+
+    .. math::
+        \cos\theta_{ic} = \max_{k} \cos(x_i, w_{ck}), \qquad
+        \ell_i = -\log \frac{e^{s \cos(\theta_{i y_i} + m)}}
+                 {e^{s \cos(\theta_{i y_i} + m)} + \sum_{c \ne y_i} e^{s \cos\theta_{ic}}}
+
+    (module docstring). ``large_angle="threshold"`` is PML's ``SubCenterArcFaceLoss``
+    (whose margin is in degrees: 28.6 there is 0.4992 here).
+
+    Args:
+      embeddings: (B, D) float embeddings (any float dtype; computed in float32; need
+        not be normalised).
+      labels: (B,) integer class ids in ``[0, C)``.
+      weights: (C, K, D) float, or (C*K, D) with class ``c``'s sub-centers in rows
+        ``c*K`` to ``c*K + K - 1`` (:func:`init_weights` with ``C*K`` rows).
+      centers: ``K >= 1``, the sub-centers per class (``K = 1`` is ArcFace).
+      margin, scale, large_angle, reduction, valid, axis_name: as for
+        :func:`arcface_loss`.
+
+    Returns:
+      ``(loss, info)`` with the entries of :func:`arcface_loss`, of the pooled cosines
+      (the mean distances are :math:`1 - \cos\theta_{ic}` to the closest sub-center).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxmetric import losses
+      >>> emb = jnp.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
+      >>> labels = jnp.array([0, 0, 1, 1])
+      >>> weights = jnp.array([[[1.0, 0.2], [0.6, 0.8]], [[0.0, 1.0], [-1.0, 1.0]]])
+      >>> loss, info = losses.subcenter_arcface_loss(emb, labels, weights, centers=2,
+      ...                                            scale=16.0)
+      >>> print(f"{loss:.4f}", info["num_rows"], info["active_fraction"])
+      0.1043 4.0 0.0
+    """
+    centers = check_positive_int("centers", centers)
+    _check_arcface(margin, scale, large_angle)
+    cb = class_batch.gather(embeddings, labels, weights, valid, axis_name, name="weights",
+                            centers=centers, pool=lambda cos: jnp.max(cos, axis=2))
+    psi = _arcface_psi(_own_cos(cb), margin, large_angle)
+    return _margin_softmax(cb, psi, scale, reduction, axis_name)

@@ -229,3 +229,28 @@ def finish(b: Batch, loss, info, groups, reduction: str, exact=()):
     if reduction == "none":
         info.update(reductions.anchor_info(groups))
     return propagate_nonfinite(b, loss, info, exact)
+
+
+def anchor_loss_finish(b: Batch, anchor_loss, has_term, d, pos, neg, reduction: str,
+                       axis_name, extra=None):
+    """``(loss, info)`` of a loss with one term per anchor (the ranking losses, whose
+    term is :math:`1 - \\mathrm{AP}` of the anchor's ranking of its positives).
+
+    ``anchor_loss`` (R,) must be finite everywhere (it is masked with ``where``);
+    ``has_term`` (bool (R,)) marks the valid anchors that have one (at least one
+    positive). Info: :func:`pair_distance_info` of the distances ``d`` (R, C) over the
+    masks, ``num_anchors`` (anchors with a term), ``num_active_anchors`` (those whose
+    term is > 0), ``active_fraction`` (their ratio), ``extra`` and, with ``"none"``, the
+    per-anchor counts; then the NaN rule (exact: the pair counts and ``num_anchors``).
+    """
+    anchor_loss = jnp.where(has_term, anchor_loss, 0.0)
+    groups = (anchor_terms(anchor_loss, has_term),)
+    loss, ((_, num_anchors, num_active),) = reductions.reduce(groups, reduction, axis_name)
+    info = pair_distance_info(d, pos, neg, axis_name)
+    info |= {
+        "num_anchors": num_anchors,
+        "num_active_anchors": num_active,
+        "active_fraction": safe_mean(num_active, num_anchors),
+        **(extra or {}),
+    }
+    return finish(b, loss, info, groups, reduction, PAIR_COUNTS + ("num_anchors",))

@@ -12,7 +12,10 @@ loss functions keep their papers' defaults. For example the contrastive loss tra
 on plain Euclidean distances with margin 1.0 (pytorch-metric-learning's defaults) and
 the triplet loss on squared ones with FaceNet's margin 0.2; the proxies of Proxy-Anchor
 and Proxy-NCA learn 100 times faster than the network, as in Kim et al. 2020 and
-Movshovitz-Attias et al. 2017.
+Movshovitz-Attias et al. 2017, and SoftTriple's centers too (Qian et al. 2019 train
+them at 100 times the network's learning rate). Sub-center ArcFace and SoftTriple learn
+``K`` vectors per class: :attr:`LossEntry.centers_arg` names the keyword that says how
+many, so that a run makes ``(C*K, D)`` of them.
 
 **Search spaces.** Each entry may also declare the ranges its hyper-parameters are tuned
 over (``search_space``: a name -> :class:`Range` or :class:`Choice` mapping), read by
@@ -44,10 +47,18 @@ import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from jaxmetric.losses.contrastive import contrastive_loss
+from jaxmetric.losses.contrastive import contrastive_loss, snr_contrastive_loss
+from jaxmetric.losses.fastap import fastap_loss
 from jaxmetric.losses.margin import margin_loss
-from jaxmetric.losses.margin_softmax import arcface_loss, cosface_loss
+from jaxmetric.losses.margin_softmax import (
+    arcface_loss,
+    cosface_loss,
+    normalized_softmax_loss,
+    subcenter_arcface_loss,
+)
 from jaxmetric.losses.proxy import proxy_anchor_loss, proxy_nca_loss
+from jaxmetric.losses.smooth_ap import smooth_ap_loss
+from jaxmetric.losses.soft_triple import soft_triple_loss
 from jaxmetric.losses.softmax import ntxent_loss, supcon_loss
 from jaxmetric.losses.triplet import triplet_loss
 from jaxmetric.losses.weighted_pair import (
@@ -55,7 +66,7 @@ from jaxmetric.losses.weighted_pair import (
     lifted_structure_loss,
     multi_similarity_loss,
 )
-from jaxmetric.utils import check_choice
+from jaxmetric.utils import check_choice, check_positive_int
 
 __all__ = ["GENERIC_SPACE", "LEARNED_LR_RANGE", "LOSSES", "NAMES", "Choice", "LossEntry",
            "Range", "get"]
@@ -131,6 +142,8 @@ class LossEntry:
       search_space: the ranges this loss's own hyper-parameters are tuned over (see the
         module docstring), or None: only :data:`GENERIC_SPACE` (and the learned
         argument's multiplier).
+      centers_arg: the keyword giving the number ``K`` of learned vectors per class
+        (the ``weights`` are then ``(C*K, D)``), or None: one per class.
     """
 
     fn: Callable
@@ -140,6 +153,7 @@ class LossEntry:
     learned: str | None = None
     pairs: bool = True
     lr_multiplier: float = 1.0
+    centers_arg: str | None = None
     search_space: Mapping[str, Range | Choice] | None = dataclasses.field(
         default=None, hash=False)
 
@@ -183,6 +197,19 @@ class LossEntry:
         """Whether the loss takes ``temperature=``."""
         return "temperature" in self.options
 
+    @property
+    def key(self) -> bool:
+        """Whether the loss takes a PRNG ``key=`` (the train step passes one per step)."""
+        return "key" in self.options
+
+    def num_centers(self, kwargs: Mapping) -> int:
+        """``K``, the learned vectors per class with the keyword arguments ``kwargs``:
+        ``kwargs[centers_arg]`` or the function's default; 1 without ``centers_arg``."""
+        if self.centers_arg is None:
+            return 1
+        default = inspect.signature(self.fn).parameters[self.centers_arg].default
+        return check_positive_int(self.centers_arg, kwargs.get(self.centers_arg, default))
+
 
 def _entries(*entries: LossEntry) -> Mapping[str, LossEntry]:
     return MappingProxyType({e.name: e for e in entries})
@@ -215,6 +242,21 @@ LOSSES: Mapping[str, LossEntry] = _entries(
               search_space={"margin": Range(0.1, 0.7), "scale": Range(8.0, 64.0, log=True)}),
     LossEntry(cosface_loss, "margin", learned="weights", pairs=False,
               search_space={"margin": Range(0.1, 0.5), "scale": Range(8.0, 64.0, log=True)}),
+    LossEntry(normalized_softmax_loss, learned="weights", pairs=False,
+              search_space={"temperature": Range(0.01, 0.2, log=True)}),
+    LossEntry(subcenter_arcface_loss, "margin", learned="weights", pairs=False,
+              centers_arg="centers",
+              search_space={"margin": Range(0.1, 0.7), "scale": Range(8.0, 64.0, log=True),
+                            "centers": Choice((2, 3, 5))}),
+    LossEntry(soft_triple_loss, "margin", learned="weights", pairs=False,
+              lr_multiplier=100.0, centers_arg="centers",
+              search_space={"margin": Range(0.0, 0.3), "la": Range(4.0, 40.0, log=True),
+                            "gamma": Range(0.03, 0.3, log=True), "centers": Choice((2, 5, 10)),
+                            "loss_lr_multiplier": Range(10.0, 1000.0, log=True)}),
+    LossEntry(snr_contrastive_loss, "margin", search_space={"margin": Range(0.2, 1.5)}),
+    LossEntry(fastap_loss, pairs=False, search_space={"num_bins": Choice((5, 10, 20, 40))}),
+    LossEntry(smooth_ap_loss, pairs=False,
+              search_space={"temperature": Range(0.001, 0.1, log=True)}),
 )
 """Every loss a run can train with, by name, in the order the documentation lists them."""
 

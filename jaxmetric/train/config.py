@@ -52,7 +52,8 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 
 DEFAULT_REDUCTION = "mean_nonzero"
-STEP_ARGUMENTS = frozenset({"valid", "axis_name", "ref_embeddings", "ref_labels", "ref_valid"})
+STEP_ARGUMENTS = frozenset({"valid", "axis_name", "ref_embeddings", "ref_labels", "ref_valid",
+                            "key"})
 """Keyword arguments the train step passes itself (never in ``loss_options``)."""
 CONFIG_ARGUMENTS = frozenset({"pos_margin", "power", "mining", "distance", "reduction",
                               "temperature"})
@@ -111,8 +112,9 @@ class TrainConfig:
                                   "else the loss function's default")
     soft_margin: bool = _field(False, "triplet only: softplus(d_ap - d_an) instead of the "
                                "hinge (Hermans et al.; mining all or batch_hard)")
-    temperature: float | None = _field(None, "supcon / ntxent: softmax temperature; None: "
-                                       "the loss function's default")
+    temperature: float | None = _field(None, "supcon / ntxent / normalized_softmax / "
+                                       "smooth_ap: the temperature; None: the loss "
+                                       "function's default")
     loss_options: str | None = _field(
         None, "more keyword arguments of the loss function, as k=v,k=v (e.g. "
         "alpha=2,beta=50 for multi_similarity; numbers, true/false, none or words)",
@@ -274,7 +276,9 @@ class TrainConfig:
             raise ValueError("soft_margin replaces the margin: give one or the other")
         if self.temperature is not None:
             if not spec.temperature:
-                raise only(f"temperature={self.temperature}", "supcon and ntxent")
+                owners = [n for n in registry.NAMES if registry.get(n).temperature]
+                raise only(f"temperature={self.temperature}",
+                           ", ".join(owners[:-1]) + " and " + owners[-1])
             _number("temperature", self.temperature, minimum=0.0, strict=True)
         if self.reduction is not None and not spec.reduction:
             raise only(f"reduction={self.reduction!r}", "contrastive and triplet")

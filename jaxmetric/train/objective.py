@@ -1,13 +1,16 @@
 """What a run minimises: the configured loss, the parameters it learns, its memory.
 
 * :func:`make_loss_fn` -- ``loss_fn(embeddings, labels, *, axis_name=None, params=None,
-  ref_embeddings=None, ref_labels=None, ref_valid=None) -> (loss, info)``: the function
-  of ``config.loss`` (:data:`jaxmetric.losses.registry.LOSSES`) with the config's keyword arguments
-  (:attr:`~jaxmetric.train.config.TrainConfig.loss_kwargs`); ``params`` is the loss's own
-  learned argument (:func:`init_loss_params`) for the losses that have one;
+  key=None, ref_embeddings=None, ref_labels=None, ref_valid=None) -> (loss, info)``: the
+  function of ``config.loss`` (:data:`jaxmetric.losses.registry.LOSSES`) with the config's
+  keyword arguments (:attr:`~jaxmetric.train.config.TrainConfig.loss_kwargs`); ``params``
+  is the loss's own learned argument (:func:`init_loss_params`) for the losses that have
+  one, ``key`` the step's PRNG key for the losses that draw at random (the margin loss's
+  distance-weighted sampling; ignored by the others);
 * :func:`init_loss_params` -- that argument at the start of a run: class proxies
-  (Proxy-Anchor, Proxy-NCA), class weights (ArcFace, CosFace) or the per-class
-  boundaries ``beta`` (margin loss); None for the other losses;
+  (Proxy-Anchor, Proxy-NCA), class weights (ArcFace, CosFace, Normalized Softmax;
+  ``(C*K, D)`` for Sub-center ArcFace and SoftTriple's ``K`` vectors per class) or the
+  per-class boundaries ``beta`` (margin loss); None for the other losses;
 * :func:`make_loss_optimizer` -- the optimizer of those parameters: the run's
   optimizer at ``config.loss_lr_scale`` times its learning rate (the proxy papers train
   proxies ~100x faster than the network), without weight decay (proxies and class
@@ -38,11 +41,14 @@ MARGIN_LOSS_BETA = 1.2
 
 
 def make_loss_fn(config: TrainConfig) -> Callable:
-    """``loss_fn(embeddings, labels, *, axis_name=None, params=None, **reference)``."""
+    """``loss_fn(embeddings, labels, *, axis_name=None, params=None, key=None,
+    **reference)``."""
     spec = registry.get(config.loss)
     fn = functools.partial(spec.fn, **config.loss_kwargs)
 
-    def loss_fn(embeddings, labels, *, axis_name=None, params=None, **reference):
+    def loss_fn(embeddings, labels, *, axis_name=None, params=None, key=None, **reference):
+        if spec.key:
+            reference = {"key": key, **reference}
         if spec.learned is None:
             if params is not None:
                 raise ValueError(f"the {config.loss} loss learns no parameters; got params")
@@ -69,7 +75,8 @@ def check_loss_values(config: TrainConfig) -> None:
     params = jax.eval_shape(lambda: init_loss_params(config, jax.random.key(0), 2,
                                                      config.embed_dim))
     try:
-        jax.eval_shape(lambda e, y, p: loss_fn(e, y, params=p), emb, labels, params)
+        jax.eval_shape(lambda e, y, p: loss_fn(e, y, params=p, key=jax.random.key(0)),
+                       emb, labels, params)
     except (ValueError, TypeError) as e:
         given = f" (loss_options {config.loss_options!r})" if config.loss_options else ""
         raise ValueError(f"the {config.loss} loss refuses its settings{given}: {e}") from None
@@ -82,10 +89,13 @@ def init_loss_params(config: TrainConfig, rng: jax.Array, num_classes: int | Non
     * ``"proxies"`` (C, D): :func:`jaxmetric.losses.proxy.init_proxies`, He (fan-out)
       normal as in Kim et al.'s code, for Proxy-Anchor and Proxy-NCA;
     * ``"weights"`` (C, D): :func:`jaxmetric.losses.margin_softmax.init_weights`, N(0, 1)
-      as in pytorch-metric-learning (the losses see directions only);
+      as in pytorch-metric-learning (the losses see directions only); ``(C*K, D)`` for
+      the losses with ``K`` vectors per class
+      (:attr:`~jaxmetric.losses.registry.LossEntry.centers_arg`);
     * ``"beta"`` (C,): :data:`MARGIN_LOSS_BETA` for every class.
     """
-    learned = registry.get(config.loss).learned
+    spec = registry.get(config.loss)
+    learned = spec.learned
     if learned is None:
         return None
     if num_classes is None or num_classes < 2:
@@ -95,7 +105,7 @@ def init_loss_params(config: TrainConfig, rng: jax.Array, num_classes: int | Non
         return jnp.full((num_classes,), MARGIN_LOSS_BETA, jnp.float32)
     if learned == "proxies":
         return init_proxies(rng, num_classes, embed_dim)
-    return init_weights(rng, num_classes, embed_dim)
+    return init_weights(rng, num_classes * spec.num_centers(config.loss_kwargs), embed_dim)
 
 
 def make_loss_optimizer(config: TrainConfig,

@@ -19,6 +19,13 @@ step equals the 1-device step on the concatenated batch, augmentation included. 
 crop (pad-4, or random-resized for images stored larger than the input) and the
 normalisation follow what the state carries (``state.inputs``).
 
+**Loss keys.** A loss that draws at random (the margin loss's distance-weighted
+sampling) gets ``fold_in(rng, LOSS_KEY_TAG)`` (:data:`LOSS_KEY_TAG`, and the tag minus
+one for the memory's term): fresh every step, the same on every device, deterministic
+from the run's seed, and apart from the augmentation keys, which fold in positions
+below the global batch size. The loss folds in each anchor's global position itself,
+so its draws too do not depend on the number of devices.
+
 **shard_map, not pmap.** Since JAX 0.8 ``pmap`` is implemented on top of
 ``jax.shard_map``, which the JAX team recommends for new code: it works on a ``Mesh``
 with explicit shardings, so the device-resident data set, the sharded indices and the
@@ -42,7 +49,10 @@ from jaxmetric.train.augment import augment_resized, center_crop, normalize
 from jaxmetric.train.mesh import AXIS
 from jaxmetric.train.state import TrainState
 
-__all__ = ["METRICS", "eval_view", "make_train_step", "train_step"]
+__all__ = ["LOSS_KEY_TAG", "METRICS", "eval_view", "make_train_step", "train_step"]
+
+LOSS_KEY_TAG = 2 ** 31 - 1
+"""Folded into the step's key for the loss's own key (module docstring)."""
 
 METRICS = ("loss", "active_fraction", "mean_pos_distance", "mean_neg_distance", "grad_norm",
            "param_norm", "lr")
@@ -102,7 +112,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         normalisation.
       batch: ``{"images": uint8 (B, H, W, C), "labels": int (B,)}``, the local shard.
       rng: PRNG key of this step (same on every device).
-      loss_fn: ``(embeddings, labels, *, axis_name, [params], [ref_embeddings,
+      loss_fn: ``(embeddings, labels, *, axis_name, key, [params], [ref_embeddings,
         ref_labels, ref_valid]) -> (loss, info)``, see
         :func:`jaxmetric.train.objective.make_loss_fn`; ``params`` is passed when the
         state holds ``loss_params``, the reference set when it holds a memory.
@@ -159,10 +169,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         else:
             emb, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
             batch_stats = updates["batch_stats"]
-        loss, info = loss_fn(emb, labels, axis_name=axis_name, **_learned(loss_params))
+        loss, info = loss_fn(emb, labels, axis_name=axis_name, **_learned(loss_params),
+                             key=jax.random.fold_in(rng, LOSS_KEY_TAG))
         if use_memory is not None:
             mem = state.memory
             mem_loss, _ = loss_fn(emb, labels, axis_name=axis_name, **_learned(loss_params),
+                                  key=jax.random.fold_in(rng, LOSS_KEY_TAG - 1),
                                   ref_embeddings=mem.embeddings, ref_labels=mem.labels,
                                   ref_valid=mem.valid & use_memory)
             loss = loss + xbm_weight * mem_loss
