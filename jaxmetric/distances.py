@@ -310,11 +310,11 @@ def cross_snr_distances(a: ArrayLike, b: ArrayLike) -> jax.Array:
     The anchor :math:`a_i` is the signal and the difference :math:`b_j - a_i` the
     noise; the distance is the inverse of their signal-to-noise ratio,
 
-    .. math::  d_{ij} = rac{\operatorname{var}(b_j - a_i)}{\operatorname{var}(a_i)}
-               = rac{\|ar a_i - ar b_j\|^2}{\max(\|ar a_i\|^2, \epsilon)},
+    .. math::  d_{ij} = \frac{\operatorname{var}(b_j - a_i)}{\operatorname{var}(a_i)}
+               = \frac{\|\bar a_i - \bar b_j\|^2}{\max(\|\bar a_i\|^2, \epsilon)},
 
-    with :math:`\operatorname{var}(v) = rac{1}{D}\sum_k (v_k - \mu(v))^2` over the
-    entries of a vector and :math:`ar v = v - \mu(v)` the row minus its mean (the
+    with :math:`\operatorname{var}(v) = \frac{1}{D}\sum_k (v_k - \mu(v))^2` over the
+    entries of a vector and :math:`\bar v = v - \mu(v)` the row minus its mean (the
     :math:`1/D` cancels). Like pytorch-metric-learning's ``SNRDistance`` (with its
     default ``normalize_embeddings=True``), the rows are L2-normalised first
     (:func:`l2_normalize`), so the distance depends on directions only and is right for

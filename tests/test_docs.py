@@ -202,3 +202,19 @@ def test_every_docs_page_is_linked_from_the_index():
               for t in LINK.findall(index.read_text())}
     pages = {p.resolve() for p in doc_files()[1:]} - {index.resolve()}
     assert pages - linked == set(), "docs pages that docs/index.md does not link"
+
+
+def test_no_control_characters_in_the_sources():
+    """A ``\\frac`` or ``\\bar`` in a docstring that is not a raw string becomes a form
+    feed or a backspace, and the formula renders as "rac" or "ar" without any warning."""
+    control = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+    bad = []
+    for folder in ("jaxmetric", "experiments", "benchmarks", "tests", "docs"):
+        for path in sorted((REPO_ROOT / folder).rglob("*")):
+            if path.suffix not in (".py", ".md") or "_build" in path.parts:
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if control.search(line):
+                    bad.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()[:60]!r}")
+    assert not bad, "control characters (a backslash escape in a non-raw string?):\n" + \
+        "\n".join(bad)
