@@ -153,10 +153,13 @@ def test_two_processes_train_like_one_process_with_eight_devices(reference, two_
     # Replicated state: both processes hold the same params and get the same embeddings.
     assert_close(params_of(results[0]), params_of(results[1]), rtol=0, atol=0)
     np.testing.assert_array_equal(results[0]["embeddings"], results[1]["embeddings"])
-    # ... which are those of one process with 8 devices on the same global batches.
-    assert_close(params_of(results[0]), ref_params, rtol=1e-4, atol=1e-5)
+    # ... which are those of one process with 8 devices on the same global batches, up to
+    # the order of the sums: across processes the all-reduce adds the devices' partial sums
+    # in another order than within one, and on some CPUs (other vector widths) that
+    # leaves parameters of size ~0.1 differing by up to ~6e-5 after six steps.
+    assert_close(params_of(results[0]), ref_params, rtol=1e-3, atol=2e-4)
     assert results[0]["embeddings"].shape == ref_emb.shape == (12, 16)
-    np.testing.assert_allclose(results[0]["embeddings"], ref_emb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(results[0]["embeddings"], ref_emb, rtol=1e-3, atol=2e-4)
 
     # metrics.jsonl: written once (by process 0), same losses and eval-hook embeddings.
     got, want = records(out_dir), records(ref_dir)

@@ -64,7 +64,7 @@ class StudySetup:
 
     Attributes:
       loss: the loss tuned.
-      objective: the validation score maximised (:data:`jaxmetric.report.RETRIEVAL_SCORES`).
+      objective: the validation score maximised (:data:`jaxmetric.report.run.RETRIEVAL_SCORES`).
       fixed: the :class:`~jaxmetric.train.config.TrainConfig` fields the command line
         sets (``loss`` included), the same for every trial.
       data: the :class:`~jaxmetric.data.DataConfig` as a dict.
