@@ -71,6 +71,11 @@ def proxy_anchor(x, labels, proxies, *, margin=0.1, alpha=32.0, valid=None):
 def _reduce_rows(per_row, active, labels, rows, x, w, reduction):
     counts = _pair_counts(x, labels, w, rows)
     counts |= {"num_rows": len(rows), "num_active_rows": sum(active[i] for i in rows)}
+    return _reduce(per_row, labels, rows, counts, reduction)
+
+
+def _reduce(per_row, labels, rows, counts, reduction):
+    """(loss, per-row losses (B,), counts) of the rows' terms under ``reduction``."""
     full = np.zeros(len(labels))
     full[rows] = [per_row[i] for i in rows]
     total = float(full.sum())
@@ -176,14 +181,7 @@ def _pooled_softmax(x, labels, centers, pool, own_logit, scale, reduction, valid
         "num_rows": len(rows),
         "num_active_rows": sum(active[i] for i in rows),
     }
-    full = np.zeros(len(labels))
-    full[rows] = [per_row[i] for i in rows]
-    total = float(full.sum())
-    if reduction == "none":
-        return full, full, counts
-    if reduction == "sum":
-        return total, full, counts
-    return (total / len(rows) if rows else 0.0), full, counts
+    return _reduce(per_row, labels, rows, counts, reduction)
 
 
 def subcenter_arcface(x, labels, weights, *, centers=3, margin=0.5, scale=64.0,
