@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmetric import train
 from jaxmetric.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, Split
+from jaxmetric.losses import registry
 from jaxmetric.models import create_model
 from jaxmetric.train import monitor
 from jaxmetric.train.config import TrainConfig
@@ -326,7 +327,7 @@ def test_a_state_needs_its_inputs(tmp_path):
     (dict(loss="supcon", margin=0.5), "has no margin"),
     (dict(loss="triplet", temperature=0.1),
      "supcon, ntxent, normalized_softmax and smooth_ap loss only"),
-    (dict(loss="supcon", reduction="sum"), "contrastive and triplet loss only"),
+    (dict(loss="supcon", reduction="sum"), "contrastive, snr_contrastive and triplet loss only"),
     (dict(loss="triplet", soft_margin=True, mining="semihard"), "soft_margin works with"),
     (dict(loss="contrastive", soft_margin=True), "triplet loss only"),
     (dict(loss="contrastive", loss_lr_multiplier=10.0), "learns no parameters"),
@@ -342,7 +343,9 @@ def test_a_state_needs_its_inputs(tmp_path):
     (dict(batch_size=16, classes_per_batch=16), "fewer than 2 images per class"),
     (dict(loss="contrastive", mining="hard"), "triplet loss only"),
     (dict(loss="triplet", mining="hardish"), "unknown mining"),
-    (dict(loss="triplet", pos_margin=0.1), "contrastive loss only"),
+    (dict(loss="triplet", pos_margin=0.1),
+     "contrastive, lifted_structure and snr_contrastive loss only"),
+    (dict(loss="circle", power=2.0), "contrastive and snr_contrastive loss only"),
     (dict(warmup_epochs=5, epochs=5), "warmup_epochs"),
     (dict(lr=0.0), "lr must be"),
     (dict(margin=-1.0), "margin must be"),
@@ -356,7 +359,7 @@ def test_config_validation(kwargs, match):
 
 def test_config_defaults_and_resolution():
     c = TrainConfig()
-    assert (c.model, c.optimizer, c.batch_size) == ("resnet18", "sgd", 512)
+    assert (c.model, c.run_optimizer, c.batch_size) == ("resnet18", "sgd", 512)
     assert c.peak_lr == pytest.approx(0.2) and c.decay == 5e-4 and c.loss_margin == 1.0
     t = TrainConfig(loss="triplet", optimizer="adamw")
     assert t.loss_margin == 0.2 and t.peak_lr == 1e-3 and t.decay == 0.05
@@ -364,6 +367,41 @@ def test_config_defaults_and_resolution():
         TrainConfig(batch_size=16.0)
     with pytest.raises(ValueError, match="unknown TrainConfig fields: bogus"):
         TrainConfig.from_dict({"bogus": 1})
+
+
+def test_a_loss_trains_with_its_training_defaults_unless_a_setting_overrides_them(monkeypatch):
+    real = registry.get("arcface")
+    entry = registry.LossEntry(real.fn, "margin", 0.35, learned="weights", pairs=False,
+                               optimizer="adamw", lr_factor=0.5, options={"scale": 24.0})
+    get = registry.get
+    monkeypatch.setattr(registry, "get", lambda name: entry if name == "arcface" else get(name))
+    c = TrainConfig(loss="arcface", batch_size=256)
+    assert (c.optimizer, c.run_optimizer, c.decay) == (None, "adamw", 0.05)
+    assert c.base_lr == pytest.approx(1e-3) and c.peak_lr == pytest.approx(5e-4)
+    assert c.loss_kwargs["scale"] == 24.0 and c.loss_kwargs["margin"] == 0.35
+    # Another optimizer gets its usual rate, not the factor tuned for AdamW.
+    s = TrainConfig(loss="arcface", batch_size=256, optimizer="sgd", margin=0.5,
+                    loss_options="scale=64")
+    assert (s.peak_lr, s.decay) == (pytest.approx(0.1), 5e-4)
+    assert (s.loss_kwargs["scale"], s.loss_kwargs["margin"]) == (64, 0.5)
+    assert TrainConfig(loss="arcface", optimizer="adamw").peak_lr == pytest.approx(5e-4)
+    assert TrainConfig(loss="arcface", lr=0.01).peak_lr == 0.01
+    assert TrainConfig(loss="triplet").run_optimizer == "sgd"
+    with pytest.raises(ValueError, match="has no keyword 'nope'"):
+        registry.LossEntry(real.fn, options={"nope": 1.0})
+    with pytest.raises(ValueError, match="has no keyword 'valid'"):
+        registry.LossEntry(real.fn, options={"valid": None})
+    with pytest.raises(ValueError, match="optimizer"):
+        registry.LossEntry(real.fn, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="lr_factor"):
+        registry.LossEntry(real.fn, lr_factor=0.0)
+
+
+def test_the_snr_contrastive_loss_takes_the_hinge_settings():
+    c = TrainConfig(loss="snr_contrastive", pos_margin=0.1, power=2.0, reduction="mean")
+    kwargs = c.loss_kwargs
+    assert (kwargs["pos_margin"], kwargs["power"], kwargs["reduction"]) == (0.1, 2.0, "mean")
+    assert TrainConfig(loss="snr_contrastive").loss_kwargs["power"] == 1.0
 
 
 def test_batch_must_split_over_devices(tmp_path):
@@ -481,6 +519,7 @@ def test_fit_says_what_it_does_and_warns_of_collapse(tmp_path, monkeypatch, capl
                   slow_cpu_hint="python -m experiments.cifar10 --small")
     text = caplog.text
     assert "training homebrew" in text and "64 training / 16 test images" in text
+    assert f"loss {config.loss}_loss(" in text and "sgd at peak lr" in text
     assert "estimated training time" in text
     assert "no GPU or TPU found" in text and "--small" in text
     assert text.count("look collapsed") == 1

@@ -44,8 +44,11 @@ from jaxmetric.losses.reductions import Terms, safe_mean, total
 
 __all__ = [
     "Batch",
+    "anchor_loss_finish",
+    "anchor_terms",
     "check_embeddings",
     "distance_matrix",
+    "finish",
     "gather",
     "nan_if_nonfinite",
     "pair_distance_info",

@@ -46,6 +46,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 from jaxmetric.losses.contrastive import contrastive_loss, snr_contrastive_loss
 from jaxmetric.losses.fastap import fastap_loss
@@ -68,8 +69,12 @@ from jaxmetric.losses.weighted_pair import (
 )
 from jaxmetric.utils import check_choice, check_positive_int
 
-__all__ = ["GENERIC_SPACE", "LEARNED_LR_RANGE", "LOSSES", "NAMES", "Choice", "LossEntry",
-           "Range", "get"]
+__all__ = ["GENERIC_SPACE", "LEARNED_LR_RANGE", "LOSSES", "NAMES", "STEP_KEYWORDS", "Choice",
+           "LossEntry", "Range", "get"]
+
+STEP_KEYWORDS = frozenset({"valid", "axis_name", "ref_embeddings", "ref_labels", "ref_valid",
+                           "key"})
+"""Keyword arguments the train step passes the loss itself (never a run's setting)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +149,13 @@ class LossEntry:
         argument's multiplier).
       centers_arg: the keyword giving the number ``K`` of learned vectors per class
         (the ``weights`` are then ``(C*K, D)``), or None: one per class.
+      optimizer: the optimizer a run uses by default (``"sgd"`` or ``"adamw"``).
+      lr_factor: the default peak learning rate in units of the optimizer's usual one
+        (``0.1 * batch / 256`` for SGD, ``1e-3`` for AdamW), applied when the run's
+        optimizer is ``optimizer`` (another optimizer gets its usual rate).
+      options: training defaults of the function's other keyword-only arguments
+        (``{"scale": 30.0}``): a run passes them unless ``loss_options`` (or
+        ``temperature``) sets them; the function's own defaults stay the paper's.
     """
 
     fn: Callable
@@ -154,10 +166,23 @@ class LossEntry:
     pairs: bool = True
     lr_multiplier: float = 1.0
     centers_arg: str | None = None
+    optimizer: str = "sgd"
+    lr_factor: float = 1.0
+    options: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}), hash=False)
     search_space: Mapping[str, Range | Choice] | None = dataclasses.field(
         default=None, hash=False)
 
     def __post_init__(self):
+        check_choice("optimizer", self.optimizer, GENERIC_SPACE["optimizer"].options)
+        if not (isinstance(self.lr_factor, (int, float)) and math.isfinite(self.lr_factor)
+                and self.lr_factor > 0):
+            raise ValueError(f"lr_factor must be a finite number > 0; got {self.lr_factor!r}")
+        unknown = set(self.options) - self.options_allowed
+        if unknown:
+            raise ValueError(f"options: {self.fn.__name__} has no keyword "
+                             f"{', '.join(map(repr, sorted(unknown)))}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
         if self.search_space is not None:
             bad = {k: v for k, v in self.search_space.items()
                    if not isinstance(k, str) or not isinstance(v, (Range, Choice))}
@@ -181,33 +206,41 @@ class LossEntry:
         return self.fn.__name__.removesuffix("_loss")
 
     @property
-    def options(self) -> frozenset[str]:
+    def keywords(self) -> frozenset[str]:
         """The function's keyword-only arguments."""
         return frozenset(n for n, p in inspect.signature(self.fn).parameters.items()
                          if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
     @property
+    def options_allowed(self) -> frozenset[str]:
+        """The keywords :attr:`options` may give defaults to: the function's keyword-only
+        arguments but the margin (:attr:`margin`) and those the train step passes."""
+        return self.keywords - STEP_KEYWORDS - {self.margin_arg}
+
+    @property
     def reduction(self) -> bool:
         """Whether a run chooses the loss's ``reduction`` (the hinge losses whose
-        ``mean`` and ``mean_nonzero`` differ in training: contrastive and triplet)."""
-        return self.fn in (contrastive_loss, triplet_loss)
+        ``mean`` and ``mean_nonzero`` differ in training: contrastive, SNR contrastive
+        and triplet)."""
+        return self.fn in (contrastive_loss, snr_contrastive_loss, triplet_loss)
 
     @property
     def temperature(self) -> bool:
         """Whether the loss takes ``temperature=``."""
-        return "temperature" in self.options
+        return "temperature" in self.keywords
 
     @property
     def key(self) -> bool:
         """Whether the loss takes a PRNG ``key=`` (the train step passes one per step)."""
-        return "key" in self.options
+        return "key" in self.keywords
 
     def num_centers(self, kwargs: Mapping) -> int:
         """``K``, the learned vectors per class with the keyword arguments ``kwargs``:
         ``kwargs[centers_arg]`` or the function's default; 1 without ``centers_arg``."""
         if self.centers_arg is None:
             return 1
-        default = inspect.signature(self.fn).parameters[self.centers_arg].default
+        default = self.options.get(
+            self.centers_arg, inspect.signature(self.fn).parameters[self.centers_arg].default)
         return check_positive_int(self.centers_arg, kwargs.get(self.centers_arg, default))
 
 

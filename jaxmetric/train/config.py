@@ -28,6 +28,12 @@ controlled runs against pytorch-metric-learning (docs/benchmarks/peer-training.m
 ``lr=None`` and ``weight_decay=None`` mean "the default for this optimizer and batch
 size" (see :meth:`TrainConfig.peak_lr`, :meth:`TrainConfig.decay`); an explicit value is
 used as given. AdamW defaults to lr 1e-3 (not batch-scaled) and weight decay 0.05.
+
+``optimizer=None``, ``margin=None``, ``loss_lr_multiplier=None`` and the loss keywords
+not given in ``loss_options`` mean "the loss's training default": the settings tuned for
+it on a validation split (:mod:`jaxmetric.losses.registry`, ``docs/tuning.md``), such as
+AdamW at 0.78 x 1e-3 with scale 30.6 for ArcFace; SGD and the paper's settings for the
+losses that train well with them.
 """
 
 from __future__ import annotations
@@ -52,8 +58,7 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 
 DEFAULT_REDUCTION = "mean_nonzero"
-STEP_ARGUMENTS = frozenset({"valid", "axis_name", "ref_embeddings", "ref_labels", "ref_valid",
-                            "key"})
+STEP_ARGUMENTS = registry.STEP_KEYWORDS
 """Keyword arguments the train step passes itself (never in ``loss_options``)."""
 CONFIG_ARGUMENTS = frozenset({"pos_margin", "power", "mining", "distance", "reduction",
                               "temperature"})
@@ -108,8 +113,9 @@ class TrainConfig:
     loss: str = _field("contrastive", "metric-learning loss (jaxmetric.losses.registry)",
                        choices=LOSSES)
     margin: float | None = _field(None, "loss margin (circle: m; lifted_structure: neg_margin; "
-                                  "arcface: radians); None: 1.0 contrastive, 0.2 triplet, "
-                                  "else the loss function's default")
+                                  "arcface: radians); None: the loss's training default "
+                                  "(jaxmetric.losses.registry: 1.0 contrastive, 0.2 "
+                                  "triplet, ...), else the loss function's default")
     soft_margin: bool = _field(False, "triplet only: softplus(d_ap - d_an) instead of the "
                                "hinge (Hermans et al.; mining all or batch_hard)")
     temperature: float | None = _field(None, "supcon / ntxent / normalized_softmax / "
@@ -119,8 +125,8 @@ class TrainConfig:
         None, "more keyword arguments of the loss function, as k=v,k=v (e.g. "
         "alpha=2,beta=50 for multi_similarity; numbers, true/false, none or words)",
         metavar="K=V,...")
-    pos_margin: float = _field(0.0, "contrastive only: positives closer than this are not "
-                               "penalised")
+    pos_margin: float = _field(0.0, "contrastive / snr_contrastive / lifted_structure: "
+                               "positives closer than this are not penalised")
     mining: str | None = _field(None, "triplet only: which triplets (None: all)",
                                 choices=MINING_MODES)
     distance: str | None = _field(
@@ -128,17 +134,20 @@ class TrainConfig:
         "embeddings (l2, squared_l2 or cosine = 1 - cos); None: the loss's default in "
         "training, squared_l2 for triplet (FaceNet), l2 for the others",
         choices=tuple(DISTANCES))
-    power: float | None = _field(None, "contrastive only: exponent of each pair's hinge (2: "
+    power: float | None = _field(None, "contrastive / snr_contrastive: exponent of each "
+                                 "pair's hinge (2: "
                                  "Hadsell's squared form, 1: pytorch-metric-learning's "
                                  "ContrastiveLoss); None: 1")
     reduction: str | None = _field(
-        None, "contrastive / triplet: how the loss terms are averaged: mean over all selected "
+        None, "contrastive / snr_contrastive / triplet: how the loss terms are averaged: "
+        "mean over all selected "
         "pairs/triplets, mean_nonzero over the non-zero ones (pytorch-metric-learning's "
         "AvgNonZeroReducer; contrastive: positive and negative means taken apart and "
         "added), or sum; None: mean_nonzero", choices=REDUCTIONS)
     loss_lr_multiplier: float | None = _field(
         None, "learning-rate multiplier of the loss's own parameters (proxies, class "
-        "weights, margin beta); None: 100 for proxy_anchor / proxy_nca, else 1")
+        "weights, margin beta); None: the loss's training default (jaxmetric.losses."
+        "registry: 100 for proxy_anchor / proxy_nca / soft_triple, ...), else 1")
     xbm_size: int | None = _field(
         None, "pair-based losses: a cross-batch memory of the last N embeddings (Wang et "
         "al. 2020), N >= batch_size; None: off")
@@ -156,9 +165,13 @@ class TrainConfig:
     flip: bool = _field(True, "with augment: mirror a random half of the images; --no-flip "
                         "keeps the crop and drops the flip (digits, characters, text: "
                         "mirroring changes their class)")
-    optimizer: str = _field("sgd", "sgd (Nesterov momentum) or adamw", choices=OPTIMIZERS)
+    optimizer: str | None = _field(
+        None, "sgd (Nesterov momentum) or adamw; None: the loss's default in training "
+        "(jaxmetric.losses.registry: adamw for the losses tuned with it, else sgd)",
+        choices=OPTIMIZERS)
     lr: float | None = _field(None, "peak learning rate; None: 0.1 * batch_size / 256 (sgd) "
-                              "or 1e-3 (adamw)")
+                              "or 1e-3 (adamw), times the loss's tuned factor when the "
+                              "optimizer is the loss's default one")
     weight_decay: float | None = _field(
         None, "None: 5e-4 (sgd, added to the gradient) or 0.05 (adamw, decoupled)")
     momentum: float = _field(0.9, "SGD momentum (Nesterov), or AdamW's b1")
@@ -250,12 +263,15 @@ class TrainConfig:
             return ValueError(f"{setting} applies to the {owners} loss only, not to "
                               f"loss={self.loss!r}")
 
-        if self.loss != "contrastive":
-            if self.pos_margin != 0.0:
-                raise only(f"pos_margin={self.pos_margin}", "contrastive")
-            if self.power is not None:
-                raise only(f"power={self.power}", "contrastive")
-        elif self.power is not None:
+        def owners(keyword):
+            names = [n for n in registry.NAMES if keyword in registry.get(n).keywords]
+            return ", ".join(names[:-1]) + " and " + names[-1]
+
+        if "pos_margin" not in spec.keywords and self.pos_margin != 0.0:
+            raise only(f"pos_margin={self.pos_margin}", owners("pos_margin"))
+        if self.power is not None:
+            if "power" not in spec.keywords:
+                raise only(f"power={self.power}", owners("power"))
             _number("power", self.power, minimum=0.0, strict=True)
         if self.loss != "triplet":
             if self.mining is not None:
@@ -281,7 +297,8 @@ class TrainConfig:
                            ", ".join(owners[:-1]) + " and " + owners[-1])
             _number("temperature", self.temperature, minimum=0.0, strict=True)
         if self.reduction is not None and not spec.reduction:
-            raise only(f"reduction={self.reduction!r}", "contrastive and triplet")
+            raise only(f"reduction={self.reduction!r}",
+                       "contrastive, snr_contrastive and triplet")
         if self.loss_lr_multiplier is not None:
             if spec.learned is None:
                 raise ValueError(f"the {self.loss} loss learns no parameters of its own "
@@ -326,10 +343,12 @@ class TrainConfig:
     @property
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``jaxmetric.losses.<loss>_loss`` this config sets:
-        the margin, the temperature and ``loss_options``, checked against the function's
-        signature. (Arguments the train step itself passes are not among them.)"""
+        the loss's training defaults (:attr:`jaxmetric.losses.registry.LossEntry.options`),
+        then the margin, the temperature and ``loss_options`` over them, checked against
+        the function's signature. (Arguments the train step itself passes are not among
+        them.)"""
         spec = registry.get(self.loss)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(spec.options)  # the loss's training defaults
         if spec.margin_arg is not None and self.loss_margin is not None:
             kwargs[spec.margin_arg] = self.loss_margin
         if self.temperature is not None:
@@ -338,15 +357,17 @@ class TrainConfig:
             kwargs["reduction"] = self.loss_reduction
         if spec.distance is not None:
             kwargs["distance"] = self.loss_distance
-        if self.loss == "contrastive":
-            kwargs.update(pos_margin=self.pos_margin, power=self.loss_power)
+        if "pos_margin" in spec.keywords:  # contrastive, snr_contrastive, lifted_structure
+            kwargs["pos_margin"] = self.pos_margin
+        if "power" in spec.keywords:  # contrastive, snr_contrastive
+            kwargs["power"] = self.loss_power
         elif self.loss == "triplet":
             kwargs["mining"] = self.mining or "all"
             if self.soft_margin:
                 kwargs["margin"] = "soft"
         options = parse_options(self.loss_options)
         own_setting = CONFIG_ARGUMENTS | {spec.margin_arg}
-        allowed = spec.options - STEP_ARGUMENTS - own_setting
+        allowed = spec.keywords - STEP_ARGUMENTS - own_setting
         for key in options:
             if key in own_setting:
                 flag = "margin" if key == spec.margin_arg else key.replace("_", "-")
@@ -358,7 +379,8 @@ class TrainConfig:
 
     @property
     def loss_power(self) -> float:
-        """The contrastive hinge exponent actually used: ``power``, or 1."""
+        """The exponent of the contrastive (and SNR contrastive) hinge actually used:
+        ``power``, or 1."""
         return DEFAULT_CONTRASTIVE_POWER if self.power is None else float(self.power)
 
     @property
@@ -369,20 +391,36 @@ class TrainConfig:
         return min(DEFAULT_WARMUP_EPOCHS, self.epochs / 10)
 
     @property
-    def peak_lr(self) -> float:
-        """The learning rate reached after warm-up."""
-        if self.lr is not None:
-            return float(self.lr)
-        if self.optimizer == "sgd":
+    def run_optimizer(self) -> str:
+        """The optimizer actually used: ``optimizer``, or the loss's default in training
+        (:attr:`jaxmetric.losses.registry.LossEntry.optimizer`)."""
+        return registry.get(self.loss).optimizer if self.optimizer is None else self.optimizer
+
+    @property
+    def base_lr(self) -> float:
+        """The usual peak learning rate of the run's optimizer and batch: ``0.1 *
+        batch_size / 256`` for SGD (the linear scaling rule), ``1e-3`` for AdamW."""
+        if self.run_optimizer == "sgd":
             return SGD_LR_PER_256 * self.batch_size / 256
         return ADAMW_LR
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate reached after warm-up: ``lr``, or :attr:`base_lr` times the
+        loss's tuned ``lr_factor`` when the optimizer is the loss's default one (another
+        optimizer gets :attr:`base_lr` itself)."""
+        if self.lr is not None:
+            return float(self.lr)
+        spec = registry.get(self.loss)
+        factor = spec.lr_factor if self.run_optimizer == spec.optimizer else 1.0
+        return self.base_lr * factor
 
     @property
     def decay(self) -> float:
         """The weight decay actually used."""
         if self.weight_decay is not None:
             return float(self.weight_decay)
-        return DEFAULT_WEIGHT_DECAY[self.optimizer]
+        return DEFAULT_WEIGHT_DECAY[self.run_optimizer]
 
     def check_devices(self, num_devices: int) -> None:
         """Raise if the global batch cannot be split evenly over ``num_devices``."""

@@ -118,6 +118,15 @@ def _log_setup(config, dataset, state, mesh, steps) -> None:
              f" / {len(test):,} test" if test is not None and len(test) else "",
              config.batch_size,
              steps, config.epochs)
+    spec = registry.get(config.loss)
+    settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in config.loss_kwargs.items())
+    learned = (f", its {spec.learned} at {config.loss_lr_scale:.4g}x that"
+               if spec.learned is not None else "")
+    log.info("loss %s(%s%s); %s at peak lr %.4g, weight decay %g%s (what no flag sets: "
+             "the loss's training defaults, jaxmetric.losses.registry)", spec.fn.__name__,
+             settings, ", the rest its defaults" if settings else "its defaults",
+             config.run_optimizer, config.peak_lr, config.decay, learned)
 
 
 FEW_POSITIVES_WARNING = 0.25

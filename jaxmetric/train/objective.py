@@ -72,9 +72,9 @@ def check_loss_values(config: TrainConfig) -> None:
     loss_fn = make_loss_fn(config)
     emb = jax.ShapeDtypeStruct((4, config.embed_dim), jnp.float32)
     labels = jax.ShapeDtypeStruct((4,), jnp.int32)
-    params = jax.eval_shape(lambda: init_loss_params(config, jax.random.key(0), 2,
-                                                     config.embed_dim))
     try:
+        params = jax.eval_shape(lambda: init_loss_params(config, jax.random.key(0), 2,
+                                                         config.embed_dim))
         jax.eval_shape(lambda e, y, p: loss_fn(e, y, params=p, key=jax.random.key(0)),
                        emb, labels, params)
     except (ValueError, TypeError) as e:
@@ -113,7 +113,7 @@ def make_loss_optimizer(config: TrainConfig,
     """The optimizer of the loss's own parameters (module docstring)."""
     scale = config.loss_lr_scale
     scaled = lambda step: schedule(step) * scale  # noqa: E731
-    if config.optimizer == "sgd":
+    if config.run_optimizer == "sgd":
         return optax.sgd(scaled, momentum=config.momentum, nesterov=True)
     return optax.adam(scaled, b1=config.momentum)
 

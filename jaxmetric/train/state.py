@@ -168,7 +168,7 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
     groups with ``lr = m * lr`` would (SGD: ``m * lr * (g + wd * p)`` through the momentum
     buffer; AdamW: ``m * lr * (adam + wd * p)``).
     """
-    if config.optimizer == "sgd":
+    if config.run_optimizer == "sgd":
         tx = optax.chain(
             optax.add_decayed_weights(config.decay, mask=decay_mask),
             optax.sgd(schedule, momentum=config.momentum, nesterov=True))

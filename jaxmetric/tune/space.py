@@ -12,9 +12,9 @@ turns them into Optuna calls and training settings:
 * :func:`suggest` -- one ``trial.suggest_float`` / ``suggest_categorical`` per name
   (log-uniform where the range says ``log``);
 * :func:`trial_values` -- the sampled values as :class:`~jaxmetric.train.config.TrainConfig`
-  fields: a config field as itself, ``lr_factor`` as ``lr = lr_factor * peak_lr`` (the
-  default peak learning rate of the chosen optimizer and batch,
-  :meth:`~jaxmetric.train.config.TrainConfig.peak_lr`), any other name as a
+  fields: a config field as itself, ``lr_factor`` as ``lr = lr_factor * base_lr`` (the
+  usual peak learning rate of the chosen optimizer and batch,
+  :attr:`~jaxmetric.train.config.TrainConfig.base_lr`), any other name as a
   ``loss_options`` keyword;
 * :func:`command_flags` and :func:`where_defaults_live` -- those settings as the flags of
   a training command and as the place each default is kept (the registry entry, the loss
@@ -56,7 +56,7 @@ def check_space(loss: str) -> None:
     :class:`TrainConfig` field, ``lr_factor``, nor a keyword the loss function takes
     through ``loss_options``."""
     entry = registry.get(loss)
-    allowed = entry.options - STEP_ARGUMENTS - CONFIG_ARGUMENTS - {entry.margin_arg}
+    allowed = entry.keywords - STEP_ARGUMENTS - CONFIG_ARGUMENTS - {entry.margin_arg}
     for name in entry.tuning_space:
         if _is_option(name) and name not in allowed:
             raise ValueError(f"the search space of {loss} names {name!r}: neither a training "
@@ -141,7 +141,7 @@ def trial_values(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str
         else:
             fields[name] = value
     if LR_FACTOR in params:
-        default = TrainConfig(**(dict(base) | fields | {"lr": None})).peak_lr
+        default = TrainConfig(**(dict(base) | fields | {"lr": None})).base_lr
         fields["lr"] = float(params[LR_FACTOR]) * default
     if extra:
         fields["loss_options"] = format_options(options)
@@ -172,8 +172,9 @@ def command_flags(values: Mapping[str, Any], config_cls: type = TrainConfig) -> 
 def where_defaults_live(loss: str, params: Mapping[str, Any],
                         values: Mapping[str, Any]) -> dict[str, str]:
     """For each tuned name, where its value would become ``loss``'s training default:
-    the registry entry's field, the loss function's keyword default, or a
-    :class:`TrainConfig` field (with the flag that sets it in one run)."""
+    a field of its :class:`~jaxmetric.losses.registry.LossEntry` (``margin``,
+    ``lr_multiplier``, ``optimizer``, ``lr_factor``, or a keyword in ``options``), or a
+    :class:`TrainConfig` field, with the flag that sets it in one run."""
     entry = registry.get(loss)
     fn = entry.fn.__name__
     out = {}
@@ -185,11 +186,13 @@ def where_defaults_live(loss: str, params: Mapping[str, Any],
             out[name] = (f"registry LossEntry({fn}, lr_multiplier={value!r}) "
                          "(flag --loss-lr-multiplier)")
         elif name == LR_FACTOR:
-            out[name] = (f"TrainConfig.lr = {values['lr']!r} ({value:.4g} x the default peak "
-                         "lr; flag --lr)")
+            out[name] = (f"registry LossEntry({fn}, lr_factor={value!r}) (lr {values['lr']!r}; "
+                         "flag --lr)")
+        elif name == "optimizer":
+            out[name] = f"registry LossEntry({fn}, optimizer={value!r}) (flag --optimizer)"
         elif name in CONFIG_FIELDS:
             out[name] = f"TrainConfig.{name} = {value!r} (flag {flag_name(name)})"
         else:
-            out[name] = (f"{fn}({name}={value!r}) keyword default (flag --loss-options "
-                         f"{name}=...)")
+            out[name] = (f"registry LossEntry({fn}, options={{{name!r}: {value!r}}}) (flag "
+                         f"--loss-options {name}=...)")
     return out
