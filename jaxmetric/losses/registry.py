@@ -8,7 +8,10 @@ at what learning-rate multiplier). The command line, the config's checks and the
 step all read this table; nothing builds a function's name from a string.
 
 The training defaults are the settings a run uses when no flag overrides them; the
-loss functions keep their papers' defaults. For example the contrastive loss trains
+loss functions keep their papers' defaults. Where the paper's settings train poorly in
+this library's recipes, an entry holds the settings tuned for it on a validation split
+(``docs/tuning.md``): its optimizer, a learning-rate factor, the margin, the multiplier
+of its learned argument and other keywords (:attr:`LossEntry.options`). For example the contrastive loss trains
 on plain Euclidean distances with margin 1.0 (pytorch-metric-learning's defaults) and
 the triplet loss on squared ones with FaceNet's margin 0.2; the proxies of Proxy-Anchor
 and Proxy-NCA learn 100 times faster than the network, as in Kim et al. 2020 and
@@ -271,7 +274,9 @@ LOSSES: Mapping[str, LossEntry] = _entries(
     LossEntry(proxy_nca_loss, learned="proxies", pairs=False, lr_multiplier=100.0,
               search_space={"softmax_scale": Range(1.0, 32.0, log=True),
                             "loss_lr_multiplier": Range(10.0, 1000.0, log=True)}),
-    LossEntry(arcface_loss, "margin", learned="weights", pairs=False,
+    # Tuned (docs/tuning.md): 8 trials of the CPU recipe's network on a validation split.
+    LossEntry(arcface_loss, "margin", 0.354, learned="weights", pairs=False,
+              lr_multiplier=22.4, optimizer="adamw", lr_factor=0.777, options={"scale": 30.6},
               search_space={"margin": Range(0.1, 0.7), "scale": Range(8.0, 64.0, log=True)}),
     LossEntry(cosface_loss, "margin", learned="weights", pairs=False,
               search_space={"margin": Range(0.1, 0.5), "scale": Range(8.0, 64.0, log=True)}),
