@@ -101,8 +101,12 @@ def network_state():
 
 
 def _with_loss_state(state, config):
-    """``state`` with the learned argument of ``config.loss`` and its optimizer, as
-    :func:`jaxmetric.train.create_train_state` attaches them."""
+    """``state`` with the learning-rate schedule and optimizer of ``config`` (the loss's
+    default ones: AdamW for the losses tuned with it), and the learned argument of ``config.loss`` with its
+    optimizer, as :func:`jaxmetric.train.create_train_state` attaches them."""
+    schedule = train.make_schedule(config, STEPS)
+    tx = train.make_optimizer(config, schedule)
+    state = state.replace(schedule=schedule, tx=tx, opt_state=tx.init(state.params))
     loss_params = train.init_loss_params(config, jax.random.fold_in(KEY, 1), NUM_CLASSES,
                                          config.embed_dim)
     if loss_params is None:
