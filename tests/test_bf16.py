@@ -102,8 +102,9 @@ def network_state():
 
 def _with_loss_state(state, config):
     """``state`` with the learning-rate schedule and optimizer of ``config`` (the loss's
-    default ones: AdamW for the losses tuned with it), and the learned argument of ``config.loss`` with its
-    optimizer, as :func:`jaxmetric.train.create_train_state` attaches them."""
+    default ones: AdamW for the losses tuned with it), and the learned argument of
+    ``config.loss`` with its optimizer, as :func:`jaxmetric.train.create_train_state`
+    attaches them."""
     schedule = train.make_schedule(config, STEPS)
     tx = train.make_optimizer(config, schedule)
     state = state.replace(schedule=schedule, tx=tx, opt_state=tx.init(state.params))

@@ -195,14 +195,20 @@ def _small_budget(argv, tarball, out):
 def test_help_examples_run_at_a_small_budget(cifar_tarball, tmp_path, isolated_cache):
     examples = [argv for argv in _documented_commands()
                 if not {"--coordinator", "--resume", "--pretrained"} & set(argv)]
-    # One run per loss (its shortest documented command, where short runs used to fail)
-    # keeps this quick; every command's configuration is checked by the test above.
+    # One run per way the train step drives a loss (pairs or learned class vectors, which
+    # learned argument, the optimizer): the shortest documented command of each, where
+    # short runs used to fail. Every command's configuration is checked by the test above.
+    from jaxmetric.losses import registry
+
     chosen = {}
     for argv in examples:
         config = _config(argv)
-        if config.loss not in chosen or config.epochs < chosen[config.loss][0]:
-            chosen[config.loss] = (config.epochs, argv)
-    assert {"contrastive", "triplet", "multi_similarity", "proxy_anchor"} <= set(chosen)
+        entry = registry.get(config.loss)
+        kind = (entry.pairs, entry.learned, config.run_optimizer)
+        if kind not in chosen or config.epochs < chosen[kind][0]:
+            chosen[kind] = (config.epochs, argv)
+    assert {(True, None, "sgd"), (False, "proxies", "sgd"), (False, "weights", "adamw"),
+            (True, None, "adamw")} <= set(chosen), sorted(chosen)
     for i, (_, argv) in enumerate(chosen.values()):
         out = tmp_path / f"run{i}"
         assert cifar10.main(_small_budget(argv, cifar_tarball, out)) == 0, argv

@@ -100,6 +100,28 @@ def test_flags_fix_what_they_set_and_lr_factor_scales_the_default():
     assert TrainConfig(**base, **values).loss_kwargs["scale"] == 16.25
 
 
+def test_default_values_are_what_a_run_without_tuned_values_trains_with():
+    base = {"loss": "arcface", "batch_size": 256}
+    free, _ = space.free_space(base)
+    values = space.default_values(base, free)
+    entry = registry.get("arcface")
+    config = TrainConfig(**base)
+    assert values["optimizer"] == config.run_optimizer == entry.optimizer
+    assert values["lr_factor"] == pytest.approx(entry.lr_factor)
+    assert values["loss_lr_multiplier"] == entry.lr_multiplier
+    assert values["margin"] == entry.margin and values["scale"] == entry.options["scale"]
+    # The values become the same run again; a flag's setting shows; function defaults.
+    assert TrainConfig(**base, **space.trial_values(base, values)).peak_lr == \
+        pytest.approx(config.peak_lr)
+    base = {"loss": "multi_similarity", "optimizer": "adamw"}
+    free, _ = space.free_space(base)
+    values = space.default_values(base, free)
+    assert "optimizer" not in values and values["lr_factor"] == 1.0
+    assert (values["alpha"], values["beta"], values["base"]) == (2.0, 50.0, 0.5)
+    assert space.default_values({"loss": "supcon"}, {"temperature": None}) == \
+        {"temperature": 0.1}
+
+
 # ----------------------------------------------------------------------- validation splits
 
 
@@ -237,7 +259,7 @@ def test_a_killed_study_resumes_and_retries_the_killed_trial(tmp_path, capsys):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env |= {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "jaxmetric.tune", *_command(data, out, 1), "--cpu-devices",
-            "1"]
+            "1", "--enqueue-defaults"]
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen = []
@@ -263,6 +285,12 @@ def test_a_killed_study_resumes_and_retries_the_killed_trial(tmp_path, capsys):
     assert killed.state.name == "FAIL"
     assert retry.state.name == "COMPLETE" and retry.system_attrs["failed_trial"] == 0
     assert retry.params == killed.params
+    # --enqueue-defaults: the first trial was the loss's training defaults (SGD: its
+    # usual rate; the rest from the registry).
+    entry = registry.get("arcface")
+    assert killed.params == pytest.approx({"lr_factor": 1.0, "margin": entry.margin,
+                                           "loss_lr_multiplier": entry.lr_multiplier,
+                                           "scale": entry.options["scale"]})
     assert set(retry.intermediate_values) == {1, 2}  # a score per epoch, for the pruner
 
     result = json.loads((out / "best-arcface.json").read_text())

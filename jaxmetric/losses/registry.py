@@ -7,18 +7,19 @@ and distance a run uses by default, the argument the run learns with the network
 at what learning-rate multiplier). The command line, the config's checks and the train
 step all read this table; nothing builds a function's name from a string.
 
-The training defaults are the settings a run uses when no flag overrides them; the
-loss functions keep their papers' defaults. Where the paper's settings train poorly in
-this library's recipes, an entry holds the settings tuned for it on a validation split
+The training defaults are the settings a run uses when no flag overrides them; the loss
+functions keep their papers' defaults. Where the paper's settings train poorly in this
+library's recipes, an entry holds the settings tuned for it on a validation split
 (``docs/tuning.md``): its optimizer, a learning-rate factor, the margin, the multiplier
-of its learned argument and other keywords (:attr:`LossEntry.options`). For example the contrastive loss trains
-on plain Euclidean distances with margin 1.0 (pytorch-metric-learning's defaults) and
-the triplet loss on squared ones with FaceNet's margin 0.2; the proxies of Proxy-Anchor
-and Proxy-NCA learn 100 times faster than the network, as in Kim et al. 2020 and
-Movshovitz-Attias et al. 2017, and SoftTriple's centers too (Qian et al. 2019 train
-them at 100 times the network's learning rate). Sub-center ArcFace and SoftTriple learn
-``K`` vectors per class: :attr:`LossEntry.centers_arg` names the keyword that says how
-many, so that a run makes ``(C*K, D)`` of them.
+of its learned argument and other keywords (:attr:`LossEntry.options`). For example the
+contrastive loss trains on plain Euclidean distances with margin 1.0
+(pytorch-metric-learning's defaults) and the triplet loss on squared ones with FaceNet's
+margin 0.2; the proxies of Proxy-Anchor and Proxy-NCA learn 100 times faster than the
+network, as in Kim et al. 2020 and Movshovitz-Attias et al. 2017, and SoftTriple's
+centers too (Qian et al. 2019 train them at 100 times the network's learning rate).
+Sub-center ArcFace and SoftTriple learn ``K`` vectors per class:
+:attr:`LossEntry.centers_arg` names the keyword that says how many, so that a run makes
+``(C*K, D)`` of them.
 
 **Search spaces.** Each entry may also declare the ranges its hyper-parameters are tuned
 over (``search_space``: a name -> :class:`Range` or :class:`Choice` mapping), read by

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruner", choices=("median", "none"), default="median",
                    help="stop a trial whose validation score after an epoch is below the "
                         "median of the earlier trials' at that epoch (default: median)")
+    s.add_argument("--enqueue-defaults", action="store_true",
+                   help="a new study's first trial trains at the loss's training defaults "
+                        "(what --loss NAME uses), so the tuned settings are compared with "
+                        "them on the same validation split")
     s.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
                    help="a running trial records that it is alive this often; one silent "
                         "for twice as long is taken as dead, marked failed and queued "
@@ -266,6 +270,12 @@ def _run(args, parser, setup, space, left_out, out, storage, name, disjoint, dat
                                      heartbeat=args.heartbeat)
     except ValueError as e:
         _fail(parser, str(e))
+    if args.enqueue_defaults and not study.get_trials(deepcopy=False):
+        defaults = space_lib.default_values(setup.fixed, space)
+        study.enqueue_trial(defaults, skip_if_exists=True)
+        log.info("trial 0: the loss's training defaults (%s)", ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in defaults.items()))
     log.info("tuning %s over %s; objective: the validation %s", setup.loss, ", ".join(
         f"{k} {_describe(p)}" for k, p in space.items()), setup.objective)
     for key, why in left_out.items():

@@ -9,6 +9,8 @@ turns them into Optuna calls and training settings:
   typed is never tuned: ``--optimizer sgd`` drops the optimizer, ``--lr`` the learning
   rate, ``--loss-options scale=30`` the scale) and minus what the other settings refuse
   (``--soft-margin`` leaves the triplet no margin);
+* :func:`default_values` -- the point of the space a run without tuned values trains at
+  (the loss's training defaults), which a study can try first;
 * :func:`suggest` -- one ``trial.suggest_float`` / ``suggest_categorical`` per name
   (log-uniform where the range says ``log``);
 * :func:`trial_values` -- the sampled values as :class:`~jaxmetric.train.config.TrainConfig`
@@ -24,6 +26,7 @@ turns them into Optuna calls and training settings:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,8 +40,8 @@ from jaxmetric.train.config import (
 )
 from jaxmetric.train.flags import flag_name
 
-__all__ = ["LR_FACTOR", "check_space", "command_flags", "format_options", "free_space",
-           "suggest", "trial_values", "where_defaults_live"]
+__all__ = ["LR_FACTOR", "check_space", "command_flags", "default_values", "format_options",
+           "free_space", "suggest", "trial_values", "where_defaults_live"]
 
 LR_FACTOR = "lr_factor"
 """The space's name for the peak learning rate in units of the run's default one."""
@@ -111,6 +114,35 @@ def free_space(base: Mapping[str, Any]) -> tuple[dict[str, Range | Choice], dict
             continue
         space[name] = param
     return space, left_out
+
+
+def default_values(base: Mapping[str, Any], space: Mapping[str, Range | Choice]
+                   ) -> dict[str, Any]:
+    """The value of each name of ``space`` that a run with ``base`` (and nothing tuned)
+    trains with: the loss's training defaults, else its function's defaults -- the point
+    a study compares its trials with (``--enqueue-defaults``). ``lr_factor`` is the
+    default peak learning rate over the optimizer's usual one."""
+    config = TrainConfig(**base)
+    entry = registry.get(config.loss)
+    signature = inspect.signature(entry.fn).parameters
+    kwargs = config.loss_kwargs
+    values = {}
+    for name in space:
+        if name == LR_FACTOR:
+            values[name] = config.peak_lr / config.base_lr
+        elif name == "optimizer":
+            values[name] = config.run_optimizer
+        elif name == "loss_lr_multiplier":
+            values[name] = config.loss_lr_scale
+        else:
+            keyword = entry.margin_arg if name == "margin" else name
+            if keyword in kwargs:
+                values[name] = kwargs[keyword]
+            elif keyword in signature:
+                values[name] = signature[keyword].default
+            else:
+                values[name] = getattr(config, name)
+    return values
 
 
 def suggest(trial, space: Mapping[str, Range | Choice]) -> dict[str, Any]:
