@@ -50,11 +50,11 @@ def run_one(loss: str, seed: int, args, extra: list[str]) -> dict:
 def settings(config: dict) -> str:
     """What a run's ``config.json`` resolved to, in short: ``"adamw, lr 0.000777; margin
     0.354, scale 30.6; weights at 22.4 x lr"`` -- the optimizer and peak learning rate, the
-    loss keywords its search space tunes (and its margin), and the learning-rate
-    multiplier of its learned argument."""
+    loss keywords its search space tunes or its registry entry sets (and its margin), and
+    the learning-rate multiplier of its learned argument."""
     c = TrainConfig.from_dict(config)
     entry = registry.get(c.loss)
-    tuned = set(entry.tuning_space) | {entry.margin_arg}
+    tuned = set(entry.tuning_space) | {entry.margin_arg} | set(entry.options)
     defaults = {k: p.default for k, p in inspect.signature(entry.fn).parameters.items()
                 if k in tuned}
     values = defaults | {k: v for k, v in c.loss_kwargs.items() if k in tuned}
