@@ -60,7 +60,7 @@ def test_every_loss_space_gives_values_the_loss_accepts(loss):
             c, jax.random.key(0), 4, 6))
 
         def scalar(e, y, p, fn=loss_fn):
-            return fn(e, y, params=p)[0]
+            return fn(e, y, params=p, key=jax.random.key(0))[0]
 
         # Called with the sampled values (traced: shapes, no computation), gradient too.
         value, grads = jax.eval_shape(jax.value_and_grad(scalar, argnums=(0, 2)), emb,
