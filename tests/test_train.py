@@ -116,8 +116,10 @@ def test_eight_devices_equal_one_device(tmp_path, loss, extra):
         assert_trees_close(state.params, ref.params)
         assert_trees_close(state.batch_stats, ref.batch_stats)
         assert_trees_close(state.opt_state, ref.opt_state)
+        # The proxies step at lr 0.5 x 2: a float32 sum over 8 devices in another order
+        # moves them by a few 1e-6 (seen on some x86 CPUs), hence the wider atol here.
         assert_trees_close((state.memory, state.loss_params, state.loss_opt_state),
-                           (ref.memory, ref.loss_params, ref.loss_opt_state))
+                           (ref.memory, ref.loss_params, ref.loss_opt_state), atol=1e-5)
     if "xbm_size" in extra:  # two batches of 16 went in; the 24 newest rows are kept
         assert int(ref.memory.valid.sum()) == 24 and int(ref.memory.next) == 32 % 24
     # The update is not a no-op: the params moved.
