@@ -14,9 +14,11 @@ def test_settings_name_the_optimizer_the_rate_and_the_tuned_values():
     assert loss_table.settings(TrainConfig(loss="triplet", batch_size=256).to_dict()) == \
         "sgd, lr 0.1; margin 0.2"
     # Function defaults are shown where the registry sets nothing; flags win.
-    text = loss_table.settings(TrainConfig(loss="circle", optimizer="adamw", lr=2e-3,
-                                           loss_options="gamma=16").to_dict())
-    assert text == "adamw, lr 0.002; margin 0.4, gamma 16"
+    text = loss_table.settings(TrainConfig(loss="cosface", optimizer="adamw", lr=2e-3,
+                                           loss_options="scale=16").to_dict())
+    assert text == "adamw, lr 0.002; margin 0.35, scale 16; weights at 1 x lr"
+    circle = loss_table.settings(TrainConfig(loss="circle", loss_options="gamma=16").to_dict())
+    assert circle.endswith("gamma 16") and "gamma 8.37" not in circle
     proxy = loss_table.settings(TrainConfig(loss="proxy_anchor", loss_lr_multiplier=10.0).to_dict())
     assert proxy.endswith("proxies at 10 x lr")
 

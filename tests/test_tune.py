@@ -113,11 +113,11 @@ def test_default_values_are_what_a_run_without_tuned_values_trains_with():
     # The values become the same run again; a flag's setting shows; function defaults.
     assert TrainConfig(**base, **space.trial_values(base, values)).peak_lr == \
         pytest.approx(config.peak_lr)
-    base = {"loss": "multi_similarity", "optimizer": "adamw"}
+    base = {"loss": "cosface", "optimizer": "adamw"}  # SGD by default: AdamW's usual rate
     free, _ = space.free_space(base)
     values = space.default_values(base, free)
     assert "optimizer" not in values and values["lr_factor"] == 1.0
-    assert (values["alpha"], values["beta"], values["base"]) == (2.0, 50.0, 0.5)
+    assert (values["margin"], values["scale"], values["loss_lr_multiplier"]) == (0.35, 64.0, 1.0)
     assert space.default_values({"loss": "supcon"}, {"temperature": None}) == \
         {"temperature": 0.1}
 
@@ -321,7 +321,8 @@ def test_the_tuning_page_lists_every_loss_space():
     """docs/tuning.md's table has a row per registered loss naming each of its ranges
     (a new entry or range shows up there or this fails)."""
     page = (REPO_ROOT / "docs" / "tuning.md").read_text()
-    rows = {line.split("|")[1].strip().strip("`"): line for line in page.splitlines()
+    section = page.split("## What it tunes")[1].split("\n## ")[0]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in section.splitlines()
             if line.startswith("| `")}
     assert set(rows) == set(registry.NAMES)
     for name in registry.NAMES:
