@@ -18,7 +18,6 @@ being trained twice, so an interrupted table can be completed.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import pathlib
 import shlex
@@ -29,6 +28,7 @@ import sys
 from benchmarks.common import collect
 from jaxmetric.losses import registry
 from jaxmetric.train.config import LOSSES, TrainConfig
+from jaxmetric.tune import space
 from jaxmetric.utils import write_atomic
 
 
@@ -54,13 +54,11 @@ def settings(config: dict) -> str:
     the learning-rate multiplier of its learned argument."""
     c = TrainConfig.from_dict(config)
     entry = registry.get(c.loss)
-    tuned = set(entry.tuning_space) | {entry.margin_arg} | set(entry.options)
-    defaults = {k: p.default for k, p in inspect.signature(entry.fn).parameters.items()
-                if k in tuned}
-    values = defaults | {k: v for k, v in c.loss_kwargs.items() if k in tuned}
-    shown = [f"{'margin' if k == entry.margin_arg else k} {v:.3g}"
-             if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k} {v}"
-             for k, v in values.items()]
+    names = [n for n in {**entry.tuning_space, **dict.fromkeys(entry.options)}
+             if n not in ("optimizer", "lr_factor", "loss_lr_multiplier")]
+    values = space.default_values(c.to_dict(), dict.fromkeys(names))
+    shown = [f"{k} {v:.3g}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+             else f"{k} {v}" for k, v in values.items()]
     parts = [f"{c.run_optimizer}, lr {c.peak_lr:.3g}", ", ".join(shown)]
     if entry.learned is not None:
         parts.append(f"{entry.learned} at {c.loss_lr_scale:.3g} x lr")

@@ -243,8 +243,7 @@ class LossEntry:
         ``kwargs[centers_arg]`` or the function's default; 1 without ``centers_arg``."""
         if self.centers_arg is None:
             return 1
-        default = self.options.get(
-            self.centers_arg, inspect.signature(self.fn).parameters[self.centers_arg].default)
+        default = inspect.signature(self.fn).parameters[self.centers_arg].default
         return check_positive_int(self.centers_arg, kwargs.get(self.centers_arg, default))
 
 

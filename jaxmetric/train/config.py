@@ -361,7 +361,7 @@ class TrainConfig:
             kwargs["pos_margin"] = self.pos_margin
         if "power" in spec.keywords:  # contrastive, snr_contrastive
             kwargs["power"] = self.loss_power
-        elif self.loss == "triplet":
+        if self.loss == "triplet":
             kwargs["mining"] = self.mining or "all"
             if self.soft_margin:
                 kwargs["margin"] = "soft"
